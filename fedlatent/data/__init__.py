@@ -1,0 +1,292 @@
+"""Datasets for fedlatent.
+
+One registry (:data:`DATASETS`) of image-classification datasets, each loaded into an
+:class:`ImageData` bundle of normalised float tensors (NCHW). Files are looked up in this order:
+the ``root`` argument (CLI ``--data-root``), the ``FEDLATENT_DATA`` environment variable, then the
+torchvision cache (``~/.cache/fedlatent/torchvision`` or ``TORCH_HOME``).
+
+Sources:
+
+* ``npz``-format folders (``train.npz`` / ``test.npz`` with ``x`` uint8 NHWC and ``y`` int64, plus an
+  optional ``classes.json``): ``ROOT/<name>/train.npz``. This is how users bring their own data;
+  ``--dataset npz:/path/to/folder`` loads any such folder.
+* torchvision (``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``) when no npz folder is found;
+  it downloads only when ``download=True`` is passed.
+* ``digits``: scikit-learn's bundled 8x8 digits, resized; the offline default that always exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..utils import FedLatentError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    torchvision_name: str | None = None
+    folder_names: tuple[str, ...] = ()
+    note: str = ""
+
+
+# Normalisation constants: the usual published per-channel statistics of each training set.
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", 1, 32, 10, (0.3084,), (0.3977,), note="scikit-learn bundled, offline"),
+    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), "MNIST", ("mnist", "MNIST")),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), "FashionMNIST", ("fashion-mnist", "fashion_mnist", "FashionMNIST")
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10", ("cifar10", "cifar-10", "CIFAR10")
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100", ("cifar100", "cifar-100", "CIFAR100")
+    ),
+}
+
+
+@dataclass
+class ImageData:
+    """A dataset in memory: normalised float32 NCHW tensors and everything needed to undo it."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> model input space."""
+        return normalize(x01, self.mean, self.std)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input space -> [0, 1] images (clamped)."""
+        return denormalize(x, self.mean, self.std)
+
+
+def normalize(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    return (x01 - m) / s
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+def _to_tensor(x_u8_nhwc: np.ndarray, mean, std, resize: int | None) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(x_u8_nhwc)).permute(0, 3, 1, 2).float().div_(255.0)
+    if resize is not None and resize != x.shape[-1]:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return normalize(x, mean, std).contiguous()
+
+
+def search_roots(root: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for dataset files, in order."""
+    roots: list[Path] = []
+    if root:
+        roots.append(Path(root).expanduser())
+    env = os.environ.get("FEDLATENT_DATA")
+    if env:
+        roots.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
+    roots.append(torchvision_cache())
+    return roots
+
+
+def torchvision_cache() -> Path:
+    base = os.environ.get("TORCH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "fedlatent")
+    return Path(base) / "torchvision"
+
+
+def _load_npz_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise FedLatentError(f"{path}: expected arrays 'x' and 'y', found {sorted(z.files)}")
+            x, y = z["x"], z["y"]
+    except FedLatentError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise FedLatentError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise FedLatentError(f"{path}: 'x' must be uint8 of shape (N, H, W, C) with C in (1, 3), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise FedLatentError(f"{path}: 'y' must be an integer vector of length {len(x)}, got {y.dtype} {y.shape}")
+    if len(y) and y.min() < 0:
+        raise FedLatentError(f"{path}: negative labels in 'y'")
+    return x, y.astype(np.int64)
+
+
+def load_npz_folder(folder: str | os.PathLike, name: str | None = None, resize: int | None = None,
+                    mean=None, std=None) -> ImageData:
+    """Load a folder holding ``train.npz`` and ``test.npz`` (and optionally ``classes.json``)."""
+    folder = Path(folder)
+    for split in ("train", "test"):
+        if not (folder / f"{split}.npz").is_file():
+            raise FedLatentError(f"{folder}: missing {split}.npz (expected train.npz and test.npz with x uint8 NHWC, y int64)")
+    xtr, ytr = _load_npz_split(folder / "train.npz")
+    xte, yte = _load_npz_split(folder / "test.npz")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise FedLatentError(f"{folder}: train images {xtr.shape[1:]} and test images {xte.shape[1:]} differ in shape")
+    n_cls = int(max(ytr.max(initial=0), yte.max(initial=0))) + 1
+    classes = [str(i) for i in range(n_cls)]
+    cj = folder / "classes.json"
+    if cj.is_file():
+        try:
+            classes = [str(c) for c in json.loads(cj.read_text())]
+        except (ValueError, OSError) as e:
+            raise FedLatentError(f"{cj}: not valid JSON ({e})") from None
+        if len(classes) < n_cls:
+            raise FedLatentError(f"{cj}: lists {len(classes)} classes but labels go up to {n_cls - 1}")
+    if mean is None or std is None:
+        x = xtr.reshape(-1, xtr.shape[-1]).astype(np.float64) / 255.0 if len(xtr) <= 20000 else \
+            xtr[:: max(1, len(xtr) // 20000)].reshape(-1, xtr.shape[-1]).astype(np.float64) / 255.0
+        mean = tuple(float(v) for v in x.mean(0))
+        std = tuple(float(max(v, 1e-3)) for v in x.std(0))
+    return ImageData(
+        name=name or folder.name,
+        x_train=_to_tensor(xtr, mean, std, resize),
+        y_train=torch.from_numpy(ytr),
+        x_test=_to_tensor(xte, mean, std, resize),
+        y_test=torch.from_numpy(yte),
+        classes=classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        source=str(folder),
+    )
+
+
+def load_digits(resize: int | None = None, test_fraction: float = 0.25, seed: int = 0) -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1797 images), upsampled to 32x32 by default."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    info = DATASETS["digits"]
+    d = _sk_digits()
+    x = (d.images / 16.0 * 255.0).round().clip(0, 255).astype(np.uint8)[..., None]  # N,8,8,1
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in range(10):  # stratified split
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
+    test_mask = np.zeros(len(y), bool)
+    test_mask[np.array(test_idx)] = True
+    size = resize or info.image_size
+    return ImageData(
+        name="digits",
+        x_train=_to_tensor(x[~test_mask], info.mean, info.std, size),
+        y_train=torch.from_numpy(y[~test_mask]),
+        x_test=_to_tensor(x[test_mask], info.mean, info.std, size),
+        y_test=torch.from_numpy(y[test_mask]),
+        classes=[str(i) for i in range(10)],
+        mean=info.mean,
+        std=info.std,
+        source="sklearn.datasets.load_digits (bundled)",
+    )
+
+
+def find_npz_folder(name: str, root=None) -> Path | None:
+    info = DATASETS.get(name)
+    names = info.folder_names if info else (name,)
+    for r in search_roots(root):
+        for n in names:
+            if (r / n / "train.npz").is_file():
+                return r / n
+    return None
+
+
+def _load_torchvision(info: DatasetInfo, root, resize, download: bool) -> ImageData:
+    try:
+        import torchvision  # noqa: F401
+        from torchvision import datasets as tvd
+    except Exception as e:  # pragma: no cover - depends on the install
+        raise FedLatentError(f"dataset {info.name!r}: torchvision is not importable ({e})") from None
+    cls = getattr(tvd, info.torchvision_name)
+    tried = []
+    for r in search_roots(root):
+        tried.append(str(r))
+        try:
+            tr = cls(str(r), train=True, download=download and r == search_roots(root)[0])
+            te = cls(str(r), train=False, download=False)
+        except (RuntimeError, OSError):
+            continue
+        xtr, xte = np.asarray(tr.data), np.asarray(te.data)
+        if xtr.ndim == 3:
+            xtr, xte = xtr[..., None], xte[..., None]
+        ytr, yte = np.asarray(tr.targets, dtype=np.int64), np.asarray(te.targets, dtype=np.int64)
+        return ImageData(
+            name=info.name,
+            x_train=_to_tensor(xtr.astype(np.uint8), info.mean, info.std, resize),
+            y_train=torch.from_numpy(ytr),
+            x_test=_to_tensor(xte.astype(np.uint8), info.mean, info.std, resize),
+            y_test=torch.from_numpy(yte),
+            classes=[str(c) for c in tr.classes],
+            mean=info.mean,
+            std=info.std,
+            source=f"torchvision {info.torchvision_name} @ {r}",
+        )
+    raise FedLatentError(
+        f"dataset {info.name!r} not found; looked for an npz folder ({'|'.join(info.folder_names)}/train.npz) and "
+        f"torchvision files in: {', '.join(tried)}. Pass --data-root, set FEDLATENT_DATA, or use --download."
+    )
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, resize: int | None = None,
+                 download: bool = False) -> ImageData:
+    """Load a dataset by registry name, or ``npz:/path/to/folder`` for any npz folder.
+
+    Raises :class:`FedLatentError` with one clear line when the files cannot be found or read.
+    """
+    if name.startswith("npz:"):
+        folder = Path(name[4:]).expanduser()
+        if not folder.is_dir():
+            raise FedLatentError(f"npz dataset folder {folder} does not exist")
+        return load_npz_folder(folder, resize=resize)
+    if name == "digits":
+        return load_digits(resize=resize)
+    info = DATASETS.get(name)
+    if info is None:
+        raise FedLatentError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or npz:/path/to/folder")
+    folder = find_npz_folder(name, root)
+    if folder is not None:
+        return load_npz_folder(folder, name=name, resize=resize, mean=info.mean, std=info.std)
+    return _load_torchvision(info, root, resize, download)
+
+
+__all__ = [
+    "DATASETS", "DatasetInfo", "ImageData", "load_dataset", "load_npz_folder", "load_digits", "search_roots",
+    "find_npz_folder", "normalize", "denormalize",
+]

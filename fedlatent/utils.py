@@ -1,0 +1,80 @@
+"""Small shared helpers: seeding, seed derivation, atomic file writes, errors."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class FedLatentError(RuntimeError):
+    """An error caused by user input or files; the CLI prints its message on one line and exits 2."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed derived deterministically from ``seed`` and any number of keys.
+
+    Independent streams (partition, schedule, client c in round r, ...) each get their own seed,
+    so adding a client or a round never shifts the random numbers of another stream.
+    """
+    h = hashlib.sha256(repr((int(seed),) + tuple(str(k) for k in keys)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def torch_generator(seed: int, *keys: object, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, *keys))
+    return g
+
+
+def numpy_rng(seed: int, *keys: object) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, *keys))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file atomically: ``write(tmp_path)`` then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
