@@ -71,17 +71,52 @@ def _resnet18(channels: int, num_classes: int, image_size: int, **kw) -> nn.Modu
     return m
 
 
-def _vgg11(channels: int, num_classes: int, image_size: int, **kw) -> nn.Module:
-    from torchvision.models import vgg11
+class VGG11(nn.Module):
+    """VGG-11 (configuration "A", no batch norm) for small inputs: conv stack -> global pool -> linear.
 
-    m = vgg11(weights=None, num_classes=num_classes)
-    # 28 px inputs are padded to 32 by the first conv so that the five 2x2 max-pools fit.
-    m.features[0] = nn.Conv2d(channels, 64, kernel_size=3, padding=1 + max(0, (32 - image_size) // 2))
+    The layer names (``features``, ``avgpool``, ``classifier``) and the initialisation follow
+    torchvision's VGG; built directly so that torchvision's 120M-parameter 4096-wide head is never
+    allocated only to be thrown away.
+    """
+
+    CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, channels: int, num_classes: int, image_size: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = channels
+        # 28 px inputs are padded to 32 by the first conv so that the five 2x2 max-pools fit.
+        pad = 1 + max(0, (32 - image_size) // 2)
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, kernel_size=3, padding=pad), nn.ReLU(inplace=True)]
+                c, pad = v, 1
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def _vgg11(channels: int, num_classes: int, image_size: int, **kw) -> nn.Module:
     if image_size <= 64:
         # Small inputs: keep the conv stack, pool to 1x1 and use a single linear head (as in
         # the dataset-distillation literature's VGG-11 for 32 px).
-        m.avgpool = nn.AdaptiveAvgPool2d(1)
-        m.classifier = nn.Linear(512, num_classes)
+        return VGG11(channels, num_classes, image_size)
+    from torchvision.models import vgg11
+
+    m = vgg11(weights=None, num_classes=num_classes)
+    m.features[0] = nn.Conv2d(channels, 64, kernel_size=3, padding=1)
     return m
 
 
@@ -142,4 +177,4 @@ def get_model(name: str, channels: int, num_classes: int, image_size: int, **kwa
         raise FedLatentError(f"bad options for architecture {base!r}: {e}") from None
 
 
-__all__ = ["ConvNet", "AlexNet", "MODELS", "get_model", "parse_model_spec"]
+__all__ = ["ConvNet", "AlexNet", "VGG11", "MODELS", "get_model", "parse_model_spec"]
