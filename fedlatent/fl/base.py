@@ -1,0 +1,255 @@
+"""The contract between the simulation engine and a federated method.
+
+One :class:`Strategy` subclass per method. A round of :func:`fedlatent.fl.simulation.run_simulation`:
+
+1. the engine picks the round's clients from the pre-drawn schedule;
+2. for each client: ``payload = strategy.client_payload(rnd, cid)`` (downlink, counted in bytes), then
+   ``upload = strategy.client_update(ctx, rnd, cid, payload, data)`` (local work, uplink);
+3. every upload is checked against ``strategy.expected_upload(cid)`` (:mod:`fedlatent.fl.validate`);
+   bad ones are dropped with a logged reason;
+4. ``strategy.aggregate(rnd, accepted)`` updates the server state (skipped when nothing was accepted,
+   so the global state stays unchanged);
+5. ``strategy.eval_model()`` is evaluated on the central test set every ``eval_every`` rounds.
+
+``client_update`` must behave like a pure function of its arguments: it may read the strategy's
+constructor hyper-parameters but never server state that ``aggregate`` changes, and it must not
+modify ``payload`` in place. Then a client can run in another process (Ray, Flower) from pickled
+arguments. :class:`FLContext` and :class:`ClientData` are plain picklable dataclasses for that reason.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..utils import FedLatentError, derive_seed
+
+TensorDict = dict[str, torch.Tensor]
+UploadSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass
+class FLConfig:
+    """All simulation options shared by every method (method hyper-parameters go to the Strategy).
+
+    Defaults are the quick ``digits`` configuration of ``fedlatent simulate``.
+    """
+
+    clients: int = 10                 # number of clients K
+    partition: str = "dirichlet"      # iid | dirichlet | balanced-dirichlet | pathological
+    alpha: float = 0.5                # Dirichlet concentration (smaller = more heterogeneous)
+    min_size: int = 10                # minimum samples per client (Dirichlet schemes)
+    classes_per_client: int = 2       # pathological scheme
+    rounds: int = 20                  # communication rounds T
+    participation: float = 0.5        # fraction C of clients per round (at least one client)
+    local_epochs: int = 1             # local epochs E
+    lr: float = 0.01                  # local SGD learning rate
+    momentum: float = 0.9             # local SGD momentum
+    weight_decay: float = 5e-4        # local SGD weight decay
+    batch_size: int = 32              # local mini-batch size B
+    model: str = "convnet"            # fedlatent.models.get_model spec (ConvNet-D3 up to 32 px)
+    eval_every: int = 1               # evaluate every k rounds (always at round 0 and the last round)
+    eval_batch_size: int = 1000       # central evaluation batch size
+    seed: int = 0                     # fixes partition, schedule, init, local shuffling
+    device: str = "cpu"               # cpu | cuda | cuda:N | auto
+    # Upload screening (see fedlatent.fl.validate): an update whose L2 norm exceeds
+    # norm_factor x the round's median update norm, or norm_cap, is rejected.
+    norm_factor: float = 100.0
+    norm_cap: float = 1e4
+
+    def check(self) -> "FLConfig":
+        """Raise FedLatentError on an invalid option; returns self."""
+        def bad(msg: str) -> None:
+            raise FedLatentError(msg)
+
+        if self.clients < 1:
+            bad(f"clients must be >= 1, got {self.clients}")
+        if self.rounds < 0:
+            bad(f"rounds must be >= 0, got {self.rounds}")
+        if not 0.0 < self.participation <= 1.0:
+            bad(f"participation must be in (0, 1], got {self.participation}")
+        if self.local_epochs < 0:
+            bad(f"local_epochs must be >= 0, got {self.local_epochs}")
+        if self.lr < 0 or self.momentum < 0 or self.weight_decay < 0:
+            bad("lr, momentum and weight_decay must be >= 0")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            bad("batch sizes must be >= 1")
+        if self.eval_every < 1:
+            bad(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.alpha <= 0:
+            bad(f"alpha must be > 0, got {self.alpha}")
+        if self.min_size < 0 or self.classes_per_client < 1:
+            bad("min_size must be >= 0 and classes_per_client >= 1")
+        if not self.norm_factor > 1 or not self.norm_cap > 0:
+            bad("norm_factor must be > 1 and norm_cap > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FLContext:
+    """What a method needs to know about the run; picklable (no open files, no models)."""
+
+    config: FLConfig
+    num_classes: int
+    channels: int
+    image_size: int
+    class_names: list[str]
+    client_sizes: list[int]            # training samples per client (index = client id)
+    device: str = "cpu"
+
+    def build_model(self, spec: str | None = None, key: object = "init") -> nn.Module:
+        """A fresh model (``spec`` defaults to ``config.model``) on ``device``.
+
+        Initialisation is seeded by (config.seed, key) on a forked RNG, so the global torch RNG is
+        untouched and the same seed always yields the same initial weights.
+        """
+        from ..models import get_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "model", key))
+            m = get_model(spec or self.config.model, self.channels, self.num_classes, self.image_size)
+        return m.to(self.device)
+
+
+@dataclass
+class ClientData:
+    """One client's local training data (already on the context's device)."""
+
+    client_id: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Upload:
+    """What a client sends back: named tensors (counted as uplink bytes), sample count, local metrics."""
+
+    client_id: int
+    tensors: TensorDict
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def tensor_bytes(tensors: TensorDict) -> int:
+    """Bytes actually transmitted for a name->tensor dict (raw element bytes, no framing)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+class Strategy:
+    """Base class of a federated method. Subclasses set ``name`` and override the hooks below.
+
+    Hyper-parameters are constructor arguments; :meth:`options` returns them for config.json.
+    """
+
+    name: ClassVar[str] = "base"
+    ctx: FLContext
+
+    def options(self) -> dict[str, Any]:
+        """Method hyper-parameters (JSON-serialisable), recorded in config.json."""
+        return {}
+
+    def setup(self, ctx: FLContext) -> None:
+        """Called once before round 1: build server state (e.g. the initial global model)."""
+        self.ctx = ctx
+
+    def client_payload(self, rnd: int, client_id: int) -> TensorDict:
+        """Downlink for ``client_id`` in round ``rnd`` (the engine counts its bytes)."""
+        raise NotImplementedError
+
+    def client_update(self, ctx: FLContext, rnd: int, client_id: int, payload: TensorDict,
+                      data: ClientData) -> Upload:
+        """Local work of one client; a pure function of its arguments (see module docstring)."""
+        raise NotImplementedError
+
+    def expected_upload(self, client_id: int) -> UploadSpec:
+        """name -> (shape, dtype) every upload of ``client_id`` must match exactly."""
+        raise NotImplementedError
+
+    def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float] | None:
+        """Update the server state from the accepted uploads (never called with an empty list).
+
+        May return extra scalar metrics for the round (written as metrics.csv columns).
+        """
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module | dict[str, nn.Module]:
+        """The model evaluated on the central test set; a dict for heterogeneous methods."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state for checkpoint/resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the server state written by :meth:`state_dict`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Method registry: modules in fedlatent.fl register their Strategy with @register_method, and
+# get_method() imports the package's modules on demand, so adding a method never edits this file.
+
+METHODS: dict[str, type[Strategy]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise FedLatentError(f"federated method {name!r} registered twice")
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+_BROKEN: dict[str, str] = {}
+
+
+def _discover() -> None:
+    """Import every public module of fedlatent.fl (each registers its methods).
+
+    A module that fails to import is logged and skipped, so one broken method never hides the others.
+    """
+    from . import __path__ as pkg_path
+
+    for mod in pkgutil.iter_modules(pkg_path):
+        if mod.name.startswith("_") or mod.name in _BROKEN:
+            continue
+        try:
+            importlib.import_module(f"{__package__}.{mod.name}")
+        except Exception as e:  # noqa: BLE001 - reported below and in get_method's error
+            _BROKEN[mod.name] = f"{type(e).__name__}: {e}"
+            logging.getLogger(__name__).warning("fedlatent.fl.%s failed to import: %s", mod.name, _BROKEN[mod.name])
+
+
+def available_methods() -> list[str]:
+    """Names of all registered federated methods."""
+    _discover()
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[Strategy]:
+    """The Strategy class registered under ``name``."""
+    if name not in METHODS:
+        _discover()
+    if name not in METHODS:
+        broken = f" (modules that failed to import: {', '.join(sorted(_BROKEN))})" if _BROKEN else ""
+        raise FedLatentError(f"unknown federated method {name!r}; choose one of {', '.join(sorted(METHODS))}{broken}")
+    return METHODS[name]
+
+
+__all__ = [
+    "FLConfig", "FLContext", "ClientData", "Upload", "Strategy", "tensor_bytes", "METHODS",
+    "register_method", "available_methods", "get_method",
+]

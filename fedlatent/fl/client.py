@@ -1,0 +1,120 @@
+"""Local training and central evaluation.
+
+:func:`local_train` is the client-side work of FedAvg / FedProx (and of any method whose clients run
+local SGD): ``epochs`` passes over the local data with a seeded shuffle, SGD with momentum and weight
+decay, and optionally the FedProx proximal term. :func:`train_client` wraps it into the
+payload -> :class:`Upload` step with the seeding convention of the engine: the shuffle of client c in
+round r comes from the stream (seed, "client", r, c), independent of which other clients run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import torch_generator
+from .aggregate import fedprox_term
+from .base import ClientData, FLContext, TensorDict, Upload
+
+
+def local_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    global_params: Mapping[str, torch.Tensor] | None = None,
+    mu: float = 0.0,
+) -> dict[str, float]:
+    """Train ``model`` in place on (x, y) with mini-batch SGD; returns {"train_loss", "steps"}.
+
+    Objective per batch: cross-entropy + (mu / 2) ||w - w_g||^2 when ``mu > 0`` (FedProx eq. 2;
+    ``global_params`` maps parameter names to w_g). Weight decay is SGD's L2 term. The batch order of
+    every epoch is ``torch.randperm`` drawn from ``generator`` (a CPU generator), the last batch may be
+    smaller. ``train_loss`` is the mean cross-entropy over all samples seen (prox term excluded).
+    """
+    n = int(y.shape[0])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    prox = None
+    if mu > 0:
+        if global_params is None:
+            raise ValueError("local_train: mu > 0 needs global_params")
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        prox = ([p for _, p in named], [global_params[k].to(p.device) for k, p in named])
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            ce = F.cross_entropy(model(xb), yb)
+            loss = ce if prox is None else ce + fedprox_term(prox[0], prox[1], mu)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum = loss_sum + ce.detach() * len(idx)  # a tensor: no device sync per step
+            seen += len(idx)
+            steps += 1
+    return {"train_loss": float(loss_sum) / seen if seen else math.nan, "steps": float(steps)}
+
+
+_TEMPLATES: dict[tuple, nn.Module] = {}
+
+
+def client_model(ctx: FLContext, spec: str | None = None) -> nn.Module:
+    """A private model instance of ``spec`` (default ``ctx.config.model``) for local training.
+
+    Copies a per-process template, so no global RNG is consumed; the caller loads the weights.
+    """
+    key = (spec or ctx.config.model, ctx.channels, ctx.num_classes, ctx.image_size, str(ctx.device))
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = ctx.build_model(spec, key="client-template")
+    return copy.deepcopy(_TEMPLATES[key])
+
+
+def train_client(ctx: FLContext, rnd: int, payload: TensorDict, data: ClientData, mu: float = 0.0,
+                 spec: str | None = None) -> Upload:
+    """Load ``payload`` (a full state_dict) into a fresh model, run :func:`local_train`, upload the new state_dict."""
+    cfg = ctx.config
+    model = client_model(ctx, spec)
+    model.load_state_dict(payload)
+    metrics = local_train(
+        model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        generator=torch_generator(cfg.seed, "client", rnd, data.client_id),
+        global_params=payload if mu > 0 else None, mu=mu,
+    )
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}  # the model is private: no copy needed
+    return Upload(client_id=data.client_id, tensors=tensors, num_samples=len(data), metrics=metrics)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on (x, y), in eval mode and without grad."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        for i in range(0, int(y.shape[0]), batch_size):
+            logits = model(x[i : i + batch_size])
+            yb = y[i : i + batch_size]
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    n = max(int(y.shape[0]), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+__all__ = ["local_train", "client_model", "train_client", "evaluate"]

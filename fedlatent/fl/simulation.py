@@ -1,0 +1,290 @@
+"""The federated simulation engine: one process, clients run one after the other.
+
+``run_simulation(strategy, data, config, out_dir)`` partitions the training set, draws the client
+schedule, and runs the rounds described in :mod:`fedlatent.fl.base`. One seed fixes everything:
+
+* partition: ``fedlatent.data.partition(..., seed=config.seed)`` (its own stream per scheme);
+* schedule: round r's clients are drawn from the stream (seed, "schedule", r), independent of the
+  method, so every method sees the same clients in every round, and of the number of rounds;
+* initial weights: (seed, "model", "init"); local shuffles: (seed, "client", r, c).
+
+On CPU two runs with the same seed produce identical metrics (apart from the timing columns).
+:func:`simulate` is the Python entry point that ``fedlatent simulate`` wraps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import ImageData, load_dataset
+from ..data.partition import label_counts, partition, save_partition_report
+from ..utils import FedLatentError, default_device, numpy_rng
+from .base import ClientData, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
+from .client import evaluate
+from .run import RunFolder, iter_rows
+from .validate import validate_uploads
+
+log = logging.getLogger("fedlatent.fl")
+
+ClientMap = Callable[[Callable[..., Upload], Iterable[tuple]], list]
+
+PLOT_INTERVAL_S = 10.0  # accuracy.png is refreshed at most this often during a run (and at the end)
+
+
+def clients_per_round(num_clients: int, participation: float) -> int:
+    """max(1, round(C * K)): the number of clients sampled per round (round half up)."""
+    return max(1, min(num_clients, int(math.floor(participation * num_clients + 0.5))))
+
+
+def client_schedule(num_clients: int, rounds: int, participation: float, seed: int) -> list[np.ndarray]:
+    """The clients of rounds 1..rounds (sorted ids, sampled without replacement within a round).
+
+    Round r uses its own stream (seed, "schedule", r): the schedule of the first rounds does not
+    depend on the total number of rounds, and never on the method or the model.
+    """
+    m = clients_per_round(num_clients, participation)
+    return [np.sort(numpy_rng(seed, "schedule", r).choice(num_clients, size=m, replace=False)) for r in range(1, rounds + 1)]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise FedLatentError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FedLatentError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+@dataclass
+class SimulationResult:
+    """Outcome of :func:`run_simulation`; ``history`` holds the metrics.csv rows."""
+
+    method: str
+    history: list[dict[str, Any]]
+    final_accuracy: float
+    best_accuracy: float
+    best_round: int
+    rounds: int
+    wall_s: float
+    uplink_bytes: int
+    downlink_bytes: int
+    rejected: int
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+    strategy: Strategy | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "final_accuracy": self.final_accuracy, "best_accuracy": self.best_accuracy,
+            "best_round": self.best_round, "rounds": self.rounds, "wall_s": self.wall_s,
+            "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes, "rejected": self.rejected,
+            "rejections": self.rejections[:1000], "out_dir": str(self.out_dir) if self.out_dir else None,
+        }
+
+    def line(self) -> str:
+        """One-line human summary."""
+        where = f" -> {self.out_dir}" if self.out_dir else ""
+        return (f"{self.method}: final accuracy {self.final_accuracy:.4f}, best {self.best_accuracy:.4f} "
+                f"(round {self.best_round}), {self.rounds} rounds, {self.wall_s:.1f} s, "
+                f"{self.rejected} rejected uploads{where}")
+
+
+def sequential_map(fn: Callable[..., Upload], jobs: Iterable[tuple]) -> list[Upload]:
+    """The default client runner: ``[fn(*args) for args in jobs]`` in this process, in order."""
+    return [fn(*args) for args in jobs]
+
+
+def _upload_bytes(upload: object) -> int:
+    if isinstance(upload, Upload) and isinstance(upload.tensors, Mapping):
+        return int(sum(t.numel() * t.element_size() for t in upload.tensors.values() if isinstance(t, torch.Tensor)))
+    return 0
+
+
+def _evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    models = strategy.eval_model()
+    if isinstance(models, Mapping):
+        row: dict[str, float] = {}
+        for name, m in models.items():
+            r = evaluate(m, x, y, batch_size)
+            row[f"accuracy_{name}"], row[f"loss_{name}"] = r["accuracy"], r["loss"]
+        accs = [row[f"accuracy_{n}"] for n in models]
+        losses = [row[f"loss_{n}"] for n in models]
+        # Heterogeneous methods: the headline numbers are the mean over the evaluated models.
+        row["accuracy"], row["loss"] = float(np.mean(accs)), float(np.mean(losses))
+        return row
+    return evaluate(models, x, y, batch_size)
+
+
+def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_dir: str | os.PathLike | None = None,
+                   overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
+                   progress: bool = True, client_map: ClientMap | None = None) -> SimulationResult:
+    """Run ``config.rounds`` federated rounds of ``strategy`` on ``data``.
+
+    With ``out_dir`` the run folder (:mod:`fedlatent.fl.run`) is written as the run goes; an existing
+    non-empty folder is refused unless ``overwrite``. ``run_info`` is merged into config.json.
+    ``client_map(fn, jobs)`` runs the round's clients: it must return ``[fn(*args) for args in jobs]``
+    in order (``args = (ctx, rnd, client_id, payload, data)``); the default is :func:`sequential_map`,
+    a parallel back end (e.g. Ray) passes its own.
+    """
+    t_start = time.perf_counter()
+    cfg = config.check()
+    device = resolve_device(cfg.device)
+    if out_dir is not None:
+        RunFolder.check(out_dir, overwrite)
+
+    labels = data.y_train.cpu().numpy()
+    parts = partition(labels, cfg.partition, cfg.clients, cfg.seed, alpha=cfg.alpha, min_size=cfg.min_size,
+                      classes_per_client=cfg.classes_per_client)
+    counts = label_counts(labels, parts, data.num_classes)
+    schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
+
+    ctx = FLContext(config=cfg, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
+                    class_names=list(data.classes), client_sizes=[int(len(p)) for p in parts], device=str(device))
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    client_idx = [torch.from_numpy(p).to(device) for p in parts]
+
+    run = RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None
+    if run is not None:
+        info = {
+            "method": strategy.name, "method_options": strategy.options(), "config": cfg.to_dict(),
+            "dataset": {"name": data.name, "source": data.source, "channels": data.channels,
+                        "image_size": data.image_size, "num_classes": data.num_classes,
+                        "train": int(len(data.y_train)), "test": int(len(data.y_test))},
+            "versions": {"fedlatent": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "device": str(device),
+        }
+        info.update(run_info or {})
+        run.write_config(info)
+        save_partition_report(run.path, counts, list(data.classes))
+
+    strategy.setup(ctx)
+    history: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    totals = {"up": 0, "down": 0, "rejected": 0}
+    last_plot = -math.inf
+
+    def record(row: dict[str, Any], final: bool) -> None:
+        nonlocal last_plot
+        history.append(row)
+        if run is not None:
+            plot = row.get("accuracy") is not None and (final or time.perf_counter() - last_plot >= PLOT_INTERVAL_S)
+            run.log_round(row, label=strategy.name, plot=plot)
+            if plot:
+                last_plot = time.perf_counter()
+
+    row0 = {"round": 0, **_evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
+            "accepted": 0, "rejected": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
+            "wall_s": time.perf_counter() - t_start}
+    record(row0, final=cfg.rounds == 0)
+
+    bar = tqdm(range(1, cfg.rounds + 1), desc=strategy.name, disable=not progress, dynamic_ncols=True)
+    for rnd in bar:
+        t_round = time.perf_counter()
+        selected = [int(c) for c in schedule[rnd - 1]]
+        references: dict[int, dict[str, torch.Tensor]] = {}
+
+        def jobs():  # lazily, so a sequential run holds one client's data at a time
+            for cid in selected:
+                payload = strategy.client_payload(rnd, cid)
+                references[cid] = payload
+                idx = client_idx[cid]
+                yield ctx, rnd, cid, payload, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx))
+
+        uploads = list((client_map or sequential_map)(strategy.client_update, jobs()))
+        down = sum(tensor_bytes(p) for p in references.values())
+        up = sum(_upload_bytes(u) for u in uploads)
+        accepted, rejected = validate_uploads(
+            uploads, selected, strategy.expected_upload, references=references, client_sizes=ctx.client_sizes,
+            norm_factor=cfg.norm_factor, norm_cap=cfg.norm_cap, rnd=rnd)
+        del references, uploads
+        rejections.extend({"round": rnd, "client": r.client_id, "reason": r.reason} for r in rejected)
+        extra: dict[str, Any] = {}
+        if accepted:
+            extra = dict(strategy.aggregate(rnd, accepted) or {})
+        else:
+            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
+        losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
+        losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+        train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+        final = rnd == cfg.rounds
+        ev = _evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size) if final or rnd % cfg.eval_every == 0 else {}
+        totals["up"] += up
+        totals["down"] += down
+        totals["rejected"] += len(rejected)
+        row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": len(selected),
+               "client_ids": " ".join(map(str, selected)), "accepted": len(accepted), "rejected": len(rejected),
+               "train_loss": train_loss, "uplink_bytes": up, "downlink_bytes": down,
+               "round_s": time.perf_counter() - t_round, "wall_s": time.perf_counter() - t_start,
+               **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **extra}
+        record(row, final)
+        if ev:
+            bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=totals["rejected"])
+    bar.close()
+
+    accs = [(int(r["round"]), float(r["accuracy"])) for r in history if r.get("accuracy") is not None]
+    best_round, best = max(accs, key=lambda t: (t[1], -t[0]))
+    result = SimulationResult(
+        method=strategy.name, history=history, final_accuracy=accs[-1][1], best_accuracy=best, best_round=best_round,
+        rounds=cfg.rounds, wall_s=time.perf_counter() - t_start, uplink_bytes=totals["up"],
+        downlink_bytes=totals["down"], rejected=totals["rejected"], rejections=rejections,
+        out_dir=run.path if run is not None else None, strategy=strategy,
+    )
+    if run is not None:
+        summary = result.summary()
+        summary["final_loss"] = iter_rows(history, "loss")[-1]
+        summary["client_sizes"] = ctx.client_sizes
+        run.write_summary(summary)
+    return result
+
+
+def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | os.PathLike | None = None,
+             image_size: int | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
+             method_options: Mapping[str, Any] | None = None, progress: bool = True,
+             run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
+             client_map: ClientMap | None = None, **config: Any) -> SimulationResult:
+    """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
+
+    ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
+    the method's constructor arguments (e.g. ``{"mu": 0.01}`` for FedProx). ``image_size`` resizes the
+    images (``digits`` defaults to 16 px). Pass ``data`` to reuse an already loaded dataset, and
+    ``client_map`` to run clients elsewhere (see :func:`run_simulation`).
+    """
+    fields = set(FLConfig.__dataclass_fields__)
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise FedLatentError(f"unknown simulation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    cfg = FLConfig(**config).check()
+    if out is not None:
+        RunFolder.check(out, overwrite)
+    cls = get_method(method)
+    try:
+        strategy = cls(**dict(method_options or {}))
+    except TypeError as e:
+        raise FedLatentError(f"bad options for method {method!r}: {e}") from None
+    if data is None:
+        if image_size is None and dataset == "digits":
+            image_size = 16
+        data = load_dataset(dataset, root=data_root, resize=image_size)
+    info = {"dataset_name": dataset, "image_size_requested": image_size}
+    info.update(run_info or {})
+    return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info, progress=progress,
+                          client_map=client_map)
+
+
+__all__ = ["sequential_map", "clients_per_round", "client_schedule", "resolve_device", "SimulationResult", "run_simulation", "simulate"]
