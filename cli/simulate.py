@@ -25,7 +25,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 @click.command("simulate")
 @click.option("--method", default="fedavg", show_default=True,
-              help="Federated method: fedavg, fedprox, or any other method registered in fedlatent.fl "
+              help="Federated method: fedavg, fedprox, feddf, fedmd, or any other method registered in fedlatent.fl "
                    "(an unknown name lists them all).")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
@@ -66,6 +66,22 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--model", default=_D.model, show_default=True,
               help="Architecture: convnet (ConvNet-D3 up to 32 px), convnet-d3/d4/d5, resnet18, vgg11, alexnet; "
                    "options as in convnet:width=64.")
+@click.option("--client-models", default=None, metavar="SPEC@W;SPEC@W|FILE.json",
+              help="Heterogeneous clients (feddf, fedmd): SPEC@WEIGHT entries separated by ';' or ',', e.g. "
+                   "'convnet@0.5,resnet18@0.3,vgg11@0.2' or 'convnet:width=32,depth=2@0.6;vgg11@0.4' (a spec may "
+                   "carry options; '@' starts its weight). Weights are fractions summing to 1 (exact counts by "
+                   "largest remainder) or client counts summing to --clients; clients get architectures through a "
+                   "seeded permutation. Or a JSON file {\"client_id\": \"spec\"} naming every client. "
+                   "[default: --model for every client]")
+@click.option("--public-fraction", type=click.FloatRange(0, 1, max_open=True), default=_D.public_fraction,
+              show_default=True,
+              help="Hold out this fraction of the training set (seeded, stratified) as public data before the "
+                   "clients' partition: FedDF's transfer set (--transfer public) and FedMD's public labelled set. "
+                   "Clients only get the rest.")
+@click.option("--transfer", default=None,
+              help="feddf: transfer set for distillation: 'public' (the --public-fraction split, labels unused), "
+                   "a distilled set 'file:PATH' / PATH.safetensors ('images' [N,C,H,W] in normalised input space, "
+                   "optional 'labels'), or 'generator:NAME' (samples of a fedlatent generator). [default: public]")
 @click.option("--eval-every", type=click.IntRange(1), default=_D.eval_every, show_default=True,
               help="Evaluate on the test set every k rounds (always at round 0 and the last round).")
 @click.option("--seed", type=int, default=_D.seed, show_default=True,
@@ -77,11 +93,12 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def simulate(method, dataset, data_root, image_size, clients, partition, alpha, min_size, classes_per_client, rounds,
              participation, local_epochs, lr, momentum, weight_decay, batch_size, mu, method_options, model,
-             eval_every, seed, device, out, overwrite, quiet) -> None:
+             client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet) -> None:
     """Simulate federated training of one method and write a run folder.
 
     The run folder gets config.json, metrics.csv (one row per round; round 0 = initial evaluation),
-    accuracy.png, partition.csv/png and summary.json. The defaults (FedAvg, 10 clients, Dirichlet alpha 0.5, 20 rounds, half the clients per round, ConvNet-D3 on
+    accuracy.png, partition.csv/png and summary.json. Heterogeneous methods (feddf, fedmd) add
+    accuracy_<arch> / loss_<arch> columns per architecture. The defaults (FedAvg, 10 clients, Dirichlet alpha 0.5, 20 rounds, half the clients per round, ConvNet-D3 on
     16 px scikit-learn digits) finish in under a minute on a laptop CPU.
     """
     from fedlatent.fl.simulation import simulate as run
@@ -91,6 +108,10 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
         if method != "fedprox":
             raise FedLatentError(f"--mu applies to --method fedprox only (got --method {method})")
         opts["mu"] = mu
+    if transfer is not None:
+        if method != "feddf":
+            raise FedLatentError(f"--transfer applies to --method feddf only (got --method {method})")
+        opts["transfer"] = transfer
     if out is None:
         safe = dataset.replace(":", "_").replace("/", "_")
         out = f"runs/{method}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -100,6 +121,7 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
         clients=clients, partition=partition, alpha=alpha, min_size=min_size, classes_per_client=classes_per_client,
         rounds=rounds, participation=participation, local_epochs=local_epochs, lr=lr, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, model=model, eval_every=eval_every, seed=seed, device=device,
+        client_models=client_models, public_fraction=public_fraction,
     )
     click.echo(result.line())
 

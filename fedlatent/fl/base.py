@@ -11,6 +11,20 @@ One :class:`Strategy` subclass per method. A round of :func:`fedlatent.fl.simula
    so the global state stays unchanged);
 5. ``strategy.eval_model()`` is evaluated on the central test set every ``eval_every`` rounds.
 
+Heterogeneous and stateful methods (FedDF, FedMD) use three optional extensions:
+
+* per-client architectures: ``FLConfig.client_models`` (see :mod:`fedlatent.fl.hetero`) gives every
+  client its own model spec, ``ctx.arch_of(cid)``; only strategies with ``heterogeneous = True``
+  accept a mixed assignment;
+* a public split: ``FLConfig.public_fraction`` > 0 holds out a seeded, stratified part of the training
+  set (``ctx.public_x`` / ``ctx.public_y``) before the clients' partition is drawn (public and
+  private data are disjoint);
+* client-local state: ``client_init`` runs once per client before round 1 (e.g. FedMD pre-training) and
+  may return state that lives ON the client; the engine hands it back as ``data.state`` whenever the
+  client is selected, and a client returns its new state in ``Upload.state``. Local state is never
+  transmitted: it is not counted in bytes and not screened. In simulation the strategy stores it
+  (``client_state`` / ``keep_client_state``) so that it can also evaluate the clients' models.
+
 ``client_update`` must behave like a pure function of its arguments: it may read the strategy's
 constructor hyper-parameters but never server state that ``aggregate`` changes, and it must not
 modify ``payload`` in place. Then a client can run in another process (Ray, Flower) from pickled
@@ -61,6 +75,12 @@ class FLConfig:
     # norm_factor x the round's median update norm, or norm_cap, is rejected.
     norm_factor: float = 100.0
     norm_cap: float = 1e4
+    # Heterogeneous clients (fedlatent.fl.hetero): "SPEC@FRACTION;..." or a JSON file {client_id: spec};
+    # None = every client uses `model`.
+    client_models: str | None = None
+    # Seeded stratified public split of the training set, disjoint from the clients' data (FedDF transfer
+    # set, FedMD public data); 0 = no public split.
+    public_fraction: float = 0.0
 
     def check(self) -> "FLConfig":
         """Raise FedLatentError on an invalid option; returns self."""
@@ -87,6 +107,10 @@ class FLConfig:
             bad("min_size must be >= 0 and classes_per_client >= 1")
         if not self.norm_factor > 1 or not self.norm_cap > 0:
             bad("norm_factor must be > 1 and norm_cap > 0")
+        if not 0.0 <= self.public_fraction < 1.0:
+            bad(f"public_fraction must be in [0, 1), got {self.public_fraction}")
+        if self.client_models is not None and not str(self.client_models).strip():
+            bad("client_models must not be empty (leave it unset for a homogeneous run)")
         return self
 
     def to_dict(self) -> dict:
@@ -104,6 +128,27 @@ class FLContext:
     class_names: list[str]
     client_sizes: list[int]            # training samples per client (index = client id)
     device: str = "cpu"
+    client_models: list[str] | None = None   # model spec per client (None: config.model for all)
+    public_x: torch.Tensor | None = None     # public split (FLConfig.public_fraction > 0), on `device`
+    public_y: torch.Tensor | None = None
+    mean: tuple[float, ...] | None = None    # the dataset's normalisation (model input space)
+    std: tuple[float, ...] | None = None
+    run_dir: str | None = None                # the run folder (None: not writing one); for method artefacts
+
+    def arch_of(self, client_id: int) -> str:
+        """The model spec of client ``client_id``."""
+        return self.config.model if self.client_models is None else self.client_models[client_id]
+
+    @property
+    def architectures(self) -> list[str]:
+        """The distinct model specs of the run, in order of first use by client id."""
+        return [self.config.model] if self.client_models is None else list(dict.fromkeys(self.client_models))
+
+    def arch_label(self, spec: str) -> str:
+        """A short column-safe name of ``spec`` (see :func:`fedlatent.fl.hetero.arch_labels`)."""
+        from .hetero import arch_labels
+
+        return arch_labels(self.architectures)[spec]
 
     def build_model(self, spec: str | None = None, key: object = "init") -> nn.Module:
         """A fresh model (``spec`` defaults to ``config.model``) on ``device``.
@@ -126,6 +171,7 @@ class ClientData:
     client_id: int
     x: torch.Tensor
     y: torch.Tensor
+    state: TensorDict | None = None    # the client's local state (see Strategy.client_init), never transmitted
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -139,6 +185,7 @@ class Upload:
     tensors: TensorDict
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    state: TensorDict | None = None    # new local state kept by the client (not transmitted, not counted)
 
 
 def tensor_bytes(tensors: TensorDict) -> int:
@@ -153,6 +200,7 @@ class Strategy:
     """
 
     name: ClassVar[str] = "base"
+    heterogeneous: ClassVar[bool] = False   # True: accepts clients with different architectures
     ctx: FLContext
 
     def options(self) -> dict[str, Any]:
@@ -186,6 +234,22 @@ class Strategy:
     def eval_model(self) -> nn.Module | dict[str, nn.Module]:
         """The model evaluated on the central test set; a dict for heterogeneous methods."""
         raise NotImplementedError
+
+    def client_init(self, ctx: FLContext, client_id: int, data: ClientData) -> TensorDict | None:
+        """Optional client-side work before round 1 (pure, like client_update); returns the client's local state.
+
+        The engine calls it for every client (in client-id order, through the client runner) only when
+        a strategy overrides it, and stores a non-None result with :meth:`keep_client_state`.
+        """
+        return None
+
+    def client_state(self, client_id: int) -> TensorDict | None:
+        """The local state that lives on ``client_id`` (handed to client_update as ``data.state``)."""
+        return None
+
+    def keep_client_state(self, client_id: int, state: TensorDict) -> None:
+        """Store the local state a client returned (from client_init or in ``Upload.state``)."""
+        raise FedLatentError(f"method {self.name!r} has stateless clients, but client {client_id} returned local state")
 
     def state_dict(self) -> dict[str, Any]:
         """Server state for checkpoint/resume."""

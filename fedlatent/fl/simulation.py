@@ -32,7 +32,9 @@ from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
 from .base import ClientData, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
 from .client import evaluate
+from .hetero import architecture_summary, assign_architectures
 from .run import RunFolder, iter_rows
+from .transfer import public_private_split
 from .validate import validate_uploads
 
 log = logging.getLogger("fedlatent.fl")
@@ -86,19 +88,24 @@ class SimulationResult:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
     strategy: Strategy | None = None
+    final_by_model: dict[str, float] = field(default_factory=dict)  # accuracy_<name> of the last evaluation
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.method, "final_accuracy": self.final_accuracy, "best_accuracy": self.best_accuracy,
             "best_round": self.best_round, "rounds": self.rounds, "wall_s": self.wall_s,
             "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes, "rejected": self.rejected,
             "rejections": self.rejections[:1000], "out_dir": str(self.out_dir) if self.out_dir else None,
         }
+        if self.final_by_model:
+            out["final_accuracy_per_model"] = dict(self.final_by_model)
+        return out
 
     def line(self) -> str:
         """One-line human summary."""
         where = f" -> {self.out_dir}" if self.out_dir else ""
-        return (f"{self.method}: final accuracy {self.final_accuracy:.4f}, best {self.best_accuracy:.4f} "
+        per = "".join(f", {k} {v:.4f}" for k, v in self.final_by_model.items()) if len(self.final_by_model) > 1 else ""
+        return (f"{self.method}: final accuracy {self.final_accuracy:.4f}{per}, best {self.best_accuracy:.4f} "
                 f"(round {self.best_round}), {self.rounds} rounds, {self.wall_s:.1f} s, "
                 f"{self.rejected} rejected uploads{where}")
 
@@ -115,30 +122,54 @@ def _upload_bytes(upload: object) -> int:
 
 
 def _evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Evaluate ``strategy.eval_model()``: one model, or a dict name -> model or list of models.
+
+    For a dict, ``accuracy_<name>`` / ``loss_<name>`` are written per entry (the mean over the entry's
+    models for a list, e.g. FedMD's parties of one architecture) and the headline ``accuracy`` / ``loss``
+    is the mean over all evaluated models.
+    """
     models = strategy.eval_model()
     if isinstance(models, Mapping):
         row: dict[str, float] = {}
+        accs: list[float] = []
+        losses: list[float] = []
         for name, m in models.items():
-            r = evaluate(m, x, y, batch_size)
-            row[f"accuracy_{name}"], row[f"loss_{name}"] = r["accuracy"], r["loss"]
-        accs = [row[f"accuracy_{n}"] for n in models]
-        losses = [row[f"loss_{n}"] for n in models]
+            group = list(m) if isinstance(m, (list, tuple)) else [m]
+            if not group:
+                continue
+            rs = [evaluate(g, x, y, batch_size) for g in group]
+            row[f"accuracy_{name}"] = float(np.mean([r["accuracy"] for r in rs]))
+            row[f"loss_{name}"] = float(np.mean([r["loss"] for r in rs]))
+            accs += [r["accuracy"] for r in rs]
+            losses += [r["loss"] for r in rs]
         # Heterogeneous methods: the headline numbers are the mean over the evaluated models.
         row["accuracy"], row["loss"] = float(np.mean(accs)), float(np.mean(losses))
         return row
     return evaluate(models, x, y, batch_size)
 
 
+def _strategy_overrides(strategy: Strategy, hook: str) -> bool:
+    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+
+
 def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_dir: str | os.PathLike | None = None,
                    overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
-                   progress: bool = True, client_map: ClientMap | None = None) -> SimulationResult:
+                   progress: bool = True, client_map: ClientMap | None = None,
+                   checkpoint_fn: Callable[[int, Strategy, dict[str, Any]], None] | None = None,
+                   resume: Mapping[str, Any] | None = None) -> SimulationResult:
     """Run ``config.rounds`` federated rounds of ``strategy`` on ``data``.
 
     With ``out_dir`` the run folder (:mod:`fedlatent.fl.run`) is written as the run goes; an existing
     non-empty folder is refused unless ``overwrite``. ``run_info`` is merged into config.json.
     ``client_map(fn, jobs)`` runs the round's clients: it must return ``[fn(*args) for args in jobs]``
-    in order (``args = (ctx, rnd, client_id, payload, data)``); the default is :func:`sequential_map`,
-    a parallel back end (e.g. Ray) passes its own.
+    in order (``args = (ctx, rnd, client_id, payload, data)``; for a strategy's optional
+    ``client_init``, run once before round 1, ``args = (ctx, client_id, data)``); the default is
+    :func:`sequential_map`, a parallel back end (e.g. Ray) passes its own.
+
+    Checkpoint/resume (:mod:`fedlatent.fl.checkpoint`): ``checkpoint_fn(rnd, strategy, engine_state)`` is
+    called after every recorded round (``engine_state``: history, rejections, totals, wall_s, final);
+    ``resume`` (``{"round", "strategy", "history", "rejections", "totals", "wall_s"}``) restores the strategy
+    state after ``setup`` and continues with round ``resume["round"] + 1`` (pass ``overwrite=True``).
     """
     t_start = time.perf_counter()
     cfg = config.check()
@@ -146,19 +177,34 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     if out_dir is not None:
         RunFolder.check(out_dir, overwrite)
 
+    client_models = assign_architectures(cfg.client_models, cfg.clients, cfg.seed)
+    if client_models is not None and not strategy.heterogeneous and set(client_models) != {cfg.model}:
+        raise FedLatentError(f"method {strategy.name!r} needs one architecture for all clients; "
+                             "--client-models is for heterogeneous methods such as feddf and fedmd (use --model)")
     labels = data.y_train.cpu().numpy()
-    parts = partition(labels, cfg.partition, cfg.clients, cfg.seed, alpha=cfg.alpha, min_size=cfg.min_size,
-                      classes_per_client=cfg.classes_per_client)
+    # The public split (if any) is drawn first; the clients' partition only sees the private part.
+    public_idx, private_idx = public_private_split(labels, cfg.public_fraction, cfg.seed)
+    parts = partition(labels[private_idx], cfg.partition, cfg.clients, cfg.seed, alpha=cfg.alpha,
+                      min_size=cfg.min_size, classes_per_client=cfg.classes_per_client)
+    if len(public_idx):
+        parts = [private_idx[p] for p in parts]
     counts = label_counts(labels, parts, data.num_classes)
     schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
 
-    ctx = FLContext(config=cfg, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
-                    class_names=list(data.classes), client_sizes=[int(len(p)) for p in parts], device=str(device))
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    public_t = torch.from_numpy(public_idx).to(device)
+    ctx = FLContext(config=cfg, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
+                    class_names=list(data.classes), client_sizes=[int(len(p)) for p in parts], device=str(device),
+                    client_models=client_models,
+                    public_x=x_train.index_select(0, public_t) if len(public_idx) else None,
+                    public_y=y_train.index_select(0, public_t) if len(public_idx) else None,
+                    mean=tuple(data.mean), std=tuple(data.std))
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     client_idx = [torch.from_numpy(p).to(device) for p in parts]
 
     run = RunFolder(out_dir, overwrite=overwrite) if out_dir is not None else None
+    if run is not None:
+        ctx.run_dir = str(run.path)  # methods may write their own artefacts there (e.g. DynaFed's pseudo set)
     if run is not None:
         info = {
             "method": strategy.name, "method_options": strategy.options(), "config": cfg.to_dict(),
@@ -169,14 +215,40 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                          "python": platform.python_version()},
             "device": str(device),
         }
+        if client_models is not None:
+            info["client_models"] = {"spec": cfg.client_models, "per_client": client_models,
+                                     "counts": architecture_summary(client_models)}
+        if len(public_idx):
+            info["public_split"] = {"fraction": cfg.public_fraction, "public": int(len(public_idx)),
+                                    "private": int(len(private_idx))}
         info.update(run_info or {})
         run.write_config(info)
         save_partition_report(run.path, counts, list(data.classes))
 
     strategy.setup(ctx)
+    if resume is None and _strategy_overrides(strategy, "client_init"):
+        # Client-side preparation before round 1 (e.g. FedMD pre-training); no communication. On resume
+        # the strategy's state_dict restores the clients' local state instead.
+        def init_jobs():
+            for cid in range(cfg.clients):
+                idx = client_idx[cid]
+                yield ctx, cid, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx))
+
+        jobs = tqdm(init_jobs(), total=cfg.clients, desc=f"{strategy.name} client init", disable=not progress,
+                    dynamic_ncols=True, leave=False)
+        for cid, state in enumerate((client_map or sequential_map)(strategy.client_init, jobs)):
+            if state is not None:
+                strategy.keep_client_state(cid, state)
     history: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     totals = {"up": 0, "down": 0, "rejected": 0}
+    start_round = 1
+    if resume is not None:  # continue a checkpointed run (fedlatent.fl.checkpoint)
+        strategy.load_state_dict(resume["strategy"])
+        start_round = int(resume["round"]) + 1
+        rejections = list(resume.get("rejections", []))
+        totals.update(resume.get("totals", {}))
+        t_start -= float(resume.get("wall_s", 0.0))
     last_plot = -math.inf
 
     def record(row: dict[str, Any], final: bool) -> None:
@@ -188,12 +260,17 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
             if plot:
                 last_plot = time.perf_counter()
 
-    row0 = {"round": 0, **_evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
-            "accepted": 0, "rejected": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
-            "wall_s": time.perf_counter() - t_start}
-    record(row0, final=cfg.rounds == 0)
+    if resume is None:
+        row0 = {"round": 0, **_evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
+                "accepted": 0, "rejected": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
+                "wall_s": time.perf_counter() - t_start}
+        record(row0, final=cfg.rounds == 0)
+    else:  # the rounds already done, as checkpointed
+        for r in resume.get("history", []):
+            record(dict(r), final=False)
 
-    bar = tqdm(range(1, cfg.rounds + 1), desc=strategy.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start_round, cfg.rounds + 1), desc=strategy.name, disable=not progress, dynamic_ncols=True,
+               initial=start_round - 1, total=cfg.rounds)
     for rnd in bar:
         t_round = time.perf_counter()
         selected = [int(c) for c in schedule[rnd - 1]]
@@ -204,9 +281,13 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 payload = strategy.client_payload(rnd, cid)
                 references[cid] = payload
                 idx = client_idx[cid]
-                yield ctx, rnd, cid, payload, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx))
+                yield ctx, rnd, cid, payload, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx),
+                                                         state=strategy.client_state(cid))
 
         uploads = list((client_map or sequential_map)(strategy.client_update, jobs()))
+        for cid, u in zip(selected, uploads):  # local state stays with its client, accepted or not
+            if isinstance(u, Upload) and u.client_id == cid and u.state is not None:
+                strategy.keep_client_state(cid, u.state)
         down = sum(tensor_bytes(p) for p in references.values())
         up = sum(_upload_bytes(u) for u in uploads)
         accepted, rejected = validate_uploads(
@@ -233,22 +314,30 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                "round_s": time.perf_counter() - t_round, "wall_s": time.perf_counter() - t_start,
                **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **extra}
         record(row, final)
+        if checkpoint_fn is not None:
+            checkpoint_fn(rnd, strategy, {"history": history, "rejections": rejections, "totals": dict(totals),
+                                          "wall_s": time.perf_counter() - t_start, "final": final})
         if ev:
             bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=totals["rejected"])
     bar.close()
 
     accs = [(int(r["round"]), float(r["accuracy"])) for r in history if r.get("accuracy") is not None]
     best_round, best = max(accs, key=lambda t: (t[1], -t[0]))
+    last_eval = next(r for r in reversed(history) if r.get("accuracy") is not None)
+    final_by_model = {k[len("accuracy_"):]: float(v) for k, v in last_eval.items()
+                      if k.startswith("accuracy_") and v is not None}
     result = SimulationResult(
         method=strategy.name, history=history, final_accuracy=accs[-1][1], best_accuracy=best, best_round=best_round,
         rounds=cfg.rounds, wall_s=time.perf_counter() - t_start, uplink_bytes=totals["up"],
         downlink_bytes=totals["down"], rejected=totals["rejected"], rejections=rejections,
-        out_dir=run.path if run is not None else None, strategy=strategy,
+        out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=final_by_model,
     )
     if run is not None:
         summary = result.summary()
         summary["final_loss"] = iter_rows(history, "loss")[-1]
         summary["client_sizes"] = ctx.client_sizes
+        if client_models is not None:
+            summary["client_models"] = client_models
         run.write_summary(summary)
     return result
 
