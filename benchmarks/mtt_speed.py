@@ -1,0 +1,180 @@
+"""Speed and peak memory of one MTT iteration (CPU), with the analytic FLOP count and floor.
+
+Setting of the MTT CIFAR-10 ipc-10 experiment: ConvNet-D3 (width 128, instance norm, avg-pool),
+32 px, 3 channels, 10 classes, 100 synthetic images, batch_syn 100 (the whole set every step), DSA.
+Every (mode, syn_steps) runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own.
+
+    python benchmarks/mtt_speed.py --steps 10,20,40,60 --modes unrolled,exact --iters 3 --threads 2
+
+FLOPs: a 3x3 convolution layer costs ``F = 2 * B * H * W * Cin * Cout * 9`` per pass; forward,
+input-gradient and weight-gradient each cost one F. Per student step (layer 1 has no input
+gradient in the forward pass, its input being data):
+
+* reference (create_graph everywhere, then backward): layer 1: 6F, other layers: 9F;
+* ours, unrolled: forward pass (loss + g): 2F / 3F; R-operator: tangent forward 1F / 2F, tangent
+  weight gradient 1F / 2F (skipped at step 0), input tangent 2F / 2F -> 6F / 9F, less at step 0;
+* ours, exact: the unrolled count plus the recomputed forward and input gradients: +1F / +2F.
+
+The floor is FLOPs / (measured conv throughput of this machine at these threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# The lead's measurements of the reference (GeorgeCazenavette/mtt-distillation) on this machine,
+# 2 threads: syn_steps -> (seconds / iteration, peak GB).
+REFERENCE = {10: (11.2, 5.2), 20: (24.4, 8.9), 40: (52.1, 16.1)}
+
+B, C_IN, SIZE, WIDTH, DEPTH, CLASSES = 100, 3, 32, 128, 3, 10
+
+
+def conv_flops() -> list[float]:
+    out, s, c = [], SIZE, C_IN
+    for _ in range(DEPTH):
+        out.append(2.0 * B * s * s * c * WIDTH * 9)
+        c, s = WIDTH, s // 2
+    return out
+
+
+def iteration_flops(mode: str, steps: int) -> dict[str, float]:
+    F = conv_flops()
+    ref = steps * (6 * F[0] + 9 * sum(F[1:]))
+    ours = steps * (6 * F[0] + 9 * sum(F[1:])) - (F[0] + 2 * sum(F[1:]))  # no weight tangent at step 0
+    if mode == "exact":
+        ours += steps * (F[0] + 2 * sum(F[1:]))
+    return {"reference": ref, "ours": ours}
+
+
+def measure_conv_rate(threads: int) -> float:
+    """FLOP/s of this machine on the dominant convolution (layer 2 forward, channels-last)."""
+    import torch
+    import torch.nn.functional as Fn
+
+    torch.set_num_threads(threads)
+    x = torch.randn(B, WIDTH, SIZE // 2, SIZE // 2).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(WIDTH, WIDTH, 3, 3)
+    Fn.conv2d(x, w, padding=1)
+    t = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        Fn.conv2d(x, w, padding=1)
+    dt = (time.perf_counter() - t) / reps
+    return 2.0 * B * (SIZE // 2) ** 2 * WIDTH * WIDTH * 9 / dt
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    from fedlatent.distill.augment import DSA
+    from fedlatent.distill.mtt import make_plan, meta_gradient, tune_allocator
+    from fedlatent.models import get_model
+    from fedlatent.models.functional import FlatModel
+
+    torch.set_num_threads(a.threads)
+    tuned = tune_allocator() if a.tune_malloc else False
+    g = torch.Generator().manual_seed(0)
+    model = get_model(f"convnet-d3:width={WIDTH}", C_IN, CLASSES, SIZE)
+    flat = FlatModel(model)
+    start = flat.flatten()
+    target = start + 0.01 * torch.randn(start.shape, generator=g)
+    images = torch.randn(B, C_IN, SIZE, SIZE, generator=g)
+    labels = torch.arange(B) % CLASSES
+    dsa = DSA(siamese=not a.per_image_dsa)
+    log_lr = torch.tensor(math.log(0.01))
+    times, cpu = [], []
+    for it in range(a.warmup + a.iters):
+        plan = make_plan(B, a.syn_steps, B, seed=it)
+        t, c = time.perf_counter(), time.process_time()
+        meta_gradient(flat, start, target, images, labels, log_lr, plan, dsa, mode=a.mode, engine=a.engine)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"times": times[a.warmup:], "warmup_times": times[: a.warmup], "peak_bytes": peak,
+                      "cpu_times": cpu[a.warmup:],
+                      "tuned_malloc": tuned}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", default="10,20,40,60")
+    p.add_argument("--modes", default="unrolled,exact")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per config")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "autograd"])
+    p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                   help="do not call fedlatent.distill.tune_allocator() (glibc keeps big blocks)")
+    p.add_argument("--per-image-dsa", action="store_true", help="per-image DSA draws (the reference's choice)")
+    p.add_argument("--out", default="benchmarks/results/mtt_speed.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="exact", help=argparse.SUPPRESS)
+    p.add_argument("--syn-steps", type=int, default=10, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    rate = measure_conv_rate(a.threads)
+    rows = []
+    for mode in a.modes.split(","):
+        for steps in [int(s) for s in a.steps.split(",")]:
+            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--syn-steps", str(steps), "--iters",
+                   str(a.iters), "--warmup", str(a.warmup), "--threads", str(a.threads), "--engine", a.engine]
+            cmd += [] if a.tune_malloc else ["--no-tune-malloc"]
+            cmd += ["--per-image-dsa"] if a.per_image_dsa else []
+            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                print(f"{mode} {steps}: worker failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                rows.append({"mode": mode, "syn_steps": steps, "error": r.stderr[-500:]})
+                continue
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            times = sorted(res["times"])
+            sec = times[len(times) // 2]
+            fl = iteration_flops(mode, steps)
+            ref = REFERENCE.get(steps)
+            cpu = sorted(res["cpu_times"])
+            row = {"mode": mode, "syn_steps": steps, "sec_per_iter": sec, "min_sec": times[0], "times": res["times"],
+                   "cpu_sec_per_iter": cpu[len(cpu) // 2],
+                   "peak_gb": res["peak_bytes"] / 1e9, "gflop": fl["ours"] / 1e9, "ref_gflop": fl["reference"] / 1e9,
+                   "floor_sec": fl["ours"] / rate, "achieved_gflops": fl["ours"] / sec / 1e9,
+                   "tuned_malloc": res["tuned_malloc"]}
+            if ref:
+                row.update(ref_sec=ref[0], ref_peak_gb=ref[1], speedup_vs_ref=ref[0] / sec)
+            rows.append(row)
+            print(f"  done {mode} {steps}: {sec:.2f} s/iter, peak {row['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+
+    print(f"\nconv throughput here ({a.threads} threads): {rate / 1e9:.0f} GFLOP/s; engine {a.engine}; "
+          f"malloc tuned: {a.tune_malloc}")
+    hdr = f"{'mode':9s} {'steps':>5s} {'s/iter':>8s} {'peak GB':>8s} {'GFLOP':>8s} {'floor s':>8s} " \
+          f"{'GFLOP/s':>8s} {'cpu s':>7s} {'ref s':>6s} {'ref GB':>6s} {'speedup':>8s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']:9s} {r['syn_steps']:5d}  failed")
+            continue
+        ref = f"{r.get('ref_sec', float('nan')):6.1f} {r.get('ref_peak_gb', float('nan')):6.1f} " \
+              f"{r.get('speedup_vs_ref', float('nan')):7.2f}x"
+        print(f"{r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
+              f"{r['floor_sec']:8.2f} {r['achieved_gflops']:8.0f} {r['cpu_sec_per_iter']:7.2f} {ref}")
+    by = {(r["mode"], r["syn_steps"]): r for r in rows if "error" not in r}
+    if ("exact", 10) in by and ("exact", 60) in by:
+        print(f"exact: peak at 60 steps / peak at 10 steps = {by[('exact', 60)]['peak_gb'] / by[('exact', 10)]['peak_gb']:.2f}")
+    print("reference FLOPs per iteration (create_graph everywhere): "
+          + ", ".join(f"{s}: {iteration_flops('unrolled', s)['reference'] / 1e9:.0f} GFLOP" for s in (10, 20, 40, 60)))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"threads": a.threads, "conv_gflops": rate / 1e9, "engine": a.engine, "tune_malloc": a.tune_malloc,
+                   "rows": rows}, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The trajectory-matching optimisation loop (MTT, DynaFed, FedDGM all run it).
+
+:class:`Distiller` repeats MTT iterations (:func:`fedlatent.distill.mtt.meta_gradient`) on any
+:class:`fedlatent.synthetic.SyntheticSet` (pixels, generator latents): render the images, get the
+loss and d loss / d images, hand that to ``synthetic.backward`` and step the optimisers
+(reference defaults: SGD momentum 0.5 for the images/latents, for the learnable lr and for soft
+labels). Expert segments come from a *segment sampler* -- any callable ``sampler(it) ->
+(theta_start, theta_target)``; :class:`TrajectorySampler` draws them from expert trajectories as
+MTT (start uniform in [0, max_start_epoch), target = start + expert_epochs) or DynaFed (target =
+average of several later snapshots).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..models.functional import FlatModel
+from ..synthetic import SyntheticSet
+from ..utils import FedLatentError, derive_seed, numpy_rng
+from .augment import DEFAULT_STRATEGY, DSA
+from .kernels import make_kernel
+from .mtt import make_plan, meta_gradient
+
+Segment = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DistillConfig:
+    """Options of the MTT loop (reference defaults where they exist).
+
+    ``lr_lr`` is the SGD step on ``log(lr)``: the reference's 1e-5 on the lr itself at lr 0.01
+    corresponds to ``1e-5 / 0.01**2 = 0.1`` here (``d log_lr = lr * d lr``).
+    """
+
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 20
+    batch_syn: int | None = None  # None: the whole synthetic set every step
+    lr_img: float = 1000.0
+    lr_lr: float = 0.1
+    lr_label: float = 2.0
+    lr_teacher: float = 0.01  # initial student lr
+    momentum: float = 0.5
+    mode: str = "exact"  # exact | unrolled
+    engine: str = "auto"  # auto | convnet | autograd
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY
+    dsa_siamese: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.syn_steps < 1:
+            raise FedLatentError(f"syn_steps must be >= 1, got {self.syn_steps}")
+        if self.expert_epochs < 1:
+            raise FedLatentError(f"expert_epochs must be >= 1, got {self.expert_epochs}")
+        if self.max_start_epoch < 1:
+            raise FedLatentError(f"max_start_epoch must be >= 1, got {self.max_start_epoch}")
+        if self.mode not in ("exact", "unrolled"):
+            raise FedLatentError(f"mode must be 'exact' or 'unrolled', got {self.mode!r}")
+        if not self.lr_teacher > 0:
+            raise FedLatentError(f"lr_teacher (initial student lr) must be > 0, got {self.lr_teacher}")
+        for k in ("lr_img", "lr_lr", "lr_label"):
+            if getattr(self, k) < 0:
+                raise FedLatentError(f"{k} must be >= 0, got {getattr(self, k)}")
+
+
+class TrajectorySampler:
+    """Segments of expert trajectories (each a sequence of flat parameter snapshots, one per epoch).
+
+    MTT: pick an expert uniformly, ``start`` uniform in ``[min_start, min(max_start_epoch, T - M))``,
+    target = snapshot ``start + M`` (M = ``expert_epochs``). DynaFed (``average=(lo, hi)``): the
+    target is the mean of ``k ~ U{lo..hi}`` snapshots drawn with replacement from
+    ``start+1 .. start+M``. Seeded: ``sampler(it)`` is a function of (seed, it).
+    """
+
+    def __init__(self, trajectories: Sequence[Sequence[torch.Tensor] | torch.Tensor], expert_epochs: int,
+                 max_start_epoch: int, seed: int = 0, min_start_epoch: int = 0,
+                 average: tuple[int, int] | None = None):
+        if not trajectories:
+            raise FedLatentError("no expert trajectories given")
+        self.trajectories = trajectories
+        self.M, self.seed, self.average = int(expert_epochs), int(seed), average
+        lengths = [len(t) for t in trajectories]
+        self.hi = [min(int(max_start_epoch), n - self.M) for n in lengths]
+        self.lo = int(min_start_epoch)
+        for i, (n, hi) in enumerate(zip(lengths, self.hi)):
+            if hi <= self.lo:
+                raise FedLatentError(
+                    f"expert trajectory {i} has {n} snapshots: too short for expert_epochs={self.M} "
+                    f"starting at epoch >= {self.lo} (needs at least {self.lo + self.M + 1})")
+        if average is not None and not 1 <= average[0] <= average[1]:
+            raise FedLatentError(f"target averaging range must be 1 <= lo <= hi, got {average}")
+
+    def __call__(self, it: int) -> Segment:
+        rng = numpy_rng(self.seed, "segment", it)
+        e = int(rng.integers(len(self.trajectories)))
+        traj = self.trajectories[e]
+        start = int(rng.integers(self.lo, self.hi[e]))
+        theta_start = traj[start]
+        if self.average is None:
+            return theta_start, traj[start + self.M]
+        k = int(rng.integers(self.average[0], self.average[1] + 1))
+        picks = rng.integers(start + 1, start + self.M + 1, size=k)
+        target = torch.stack([traj[int(j)] for j in picks]).mean(0)
+        return theta_start, target
+
+
+@dataclass
+class IterationLog:
+    it: int
+    loss: float
+    lr: float
+    start_dist: float
+
+
+class Distiller:
+    """Optimise a synthetic set by trajectory matching.
+
+    ``labels``: int class indices (fixed) or float soft-label logits [N, K] (learned, DynaFed).
+    ``image_optimizer``: optional optimiser over ``synthetic.parameters()`` (e.g. several lrs for
+    generator latents); default SGD(lr_img, momentum).
+    """
+
+    def __init__(self, model: nn.Module, synthetic: SyntheticSet, labels: torch.Tensor,
+                 sampler: Callable[[int], Segment], config: DistillConfig | None = None,
+                 image_optimizer: torch.optim.Optimizer | None = None):
+        self.config = cfg = config or DistillConfig()
+        cfg.validate()
+        if not isinstance(synthetic, SyntheticSet):
+            raise FedLatentError(f"{type(synthetic).__name__} does not implement render/backward/parameters")
+        self.flat = FlatModel(model)
+        self.kernel_name = make_kernel(self.flat, cfg.engine).name
+        self.synthetic, self.sampler = synthetic, sampler
+        images = synthetic.render()
+        if labels.shape[0] != images.shape[0]:
+            raise FedLatentError(f"{labels.shape[0]} labels for {images.shape[0]} synthetic images")
+        self.soft = labels.dtype.is_floating_point
+        self.labels = labels.detach().clone().to(images.device)
+        if self.soft:
+            self.labels = self.labels.to(images.dtype).requires_grad_(True)
+        self.log_lr = torch.tensor(math.log(cfg.lr_teacher), dtype=images.dtype, device=images.device,
+                                   requires_grad=True)
+        self.batch_syn = cfg.batch_syn or images.shape[0]
+        self.augment = DSA(cfg.dsa_strategy, siamese=cfg.dsa_siamese) if cfg.dsa else None
+        self.opt_img = image_optimizer or torch.optim.SGD(synthetic.parameters(), lr=cfg.lr_img, momentum=cfg.momentum)
+        self.opt_lr = torch.optim.SGD([self.log_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
+        self.opt_label = torch.optim.SGD([self.labels], lr=cfg.lr_label, momentum=cfg.momentum) if self.soft else None
+        self.history: list[IterationLog] = []
+        self.it = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.log_lr.detach().exp())
+
+    def _params(self) -> list[torch.Tensor]:
+        return list(self.synthetic.parameters()) + [self.log_lr] + ([self.labels] if self.soft else [])
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_img, self.opt_lr, self.opt_label) if o is not None]
+
+    def step(self) -> IterationLog:
+        """One MTT iteration. On a non-finite loss, gradient or update the synthetic set, lr and
+        labels are restored to their last good values and a :class:`FedLatentError` is raised."""
+        cfg, it = self.config, self.it
+        theta_start, theta_target = self.sampler(it)
+        images = self.synthetic.render()
+        plan = make_plan(images.shape[0], cfg.syn_steps, self.batch_syn, derive_seed(cfg.seed, "mtt-iter", it),
+                         augment=self.augment is not None)
+        res = meta_gradient(self.flat, theta_start.to(images), theta_target.to(images), images, self.labels.detach(),
+                            self.log_lr.detach(), plan, self.augment, mode=cfg.mode, engine=cfg.engine)
+        saved = [p.detach().clone() for p in self._params()]
+        opt_states = [{k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+                       for k, v in o.state.items()} for o in self._optimizers()]
+        for o in self._optimizers():
+            o.zero_grad(set_to_none=True)
+        self.synthetic.backward(res.grad_images)
+        self.log_lr.grad = res.grad_log_lr.reshape(()).to(self.log_lr)
+        if self.soft:
+            self.labels.grad = res.grad_labels.to(self.labels)
+        for o in self._optimizers():
+            o.step()
+        if not all(torch.isfinite(p).all() for p in self._params()):
+            with torch.no_grad():
+                for p, s in zip(self._params(), saved):
+                    p.copy_(s)
+            for o, st in zip(self._optimizers(), opt_states):
+                o.state.clear()
+                o.state.update(st)
+            raise FedLatentError(f"iteration {it}: the update made the synthetic set non-finite (lower lr_img); "
+                                 "restored the last good set")
+        log = IterationLog(it, res.loss, self.lr, res.param_dist)
+        self.history.append(log)
+        self.it += 1
+        return log
+
+    def run(self, iterations: int, progress: bool = True, callback: Callable[[IterationLog], None] | None = None
+            ) -> list[IterationLog]:
+        from tqdm import tqdm
+
+        bar = tqdm(range(iterations), desc=f"MTT ({self.config.mode}, {self.kernel_name})", disable=not progress,
+                   leave=False)
+        for _ in bar:
+            log = self.step()
+            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}")
+            if callback is not None:
+                callback(log)
+        return self.history
+
+    def state(self) -> dict:
+        return {"config": asdict(self.config), "lr": self.lr, "iterations": self.it,
+                "loss_history": [h.loss for h in self.history], "kernel": self.kernel_name}
+
+
+__all__ = ["DistillConfig", "TrajectorySampler", "Distiller", "IterationLog"]

@@ -1,0 +1,384 @@
+"""Per-step kernels of the trajectory-matching engine: one student gradient and its second order.
+
+A *step kernel* evaluates, for one student step on an (already augmented) batch ``x``,
+
+* ``forward(theta, x, labels, keep)`` -> ``(loss, g, cache)`` with ``g = grad_theta loss``;
+* ``rop(cache, u, need_theta)`` -> ``(H u, d s / d x, d s / d label_logits)`` where
+  ``s = g . u`` (so ``H u`` is the Hessian-vector product and ``d s / d x = (d g / d x)^T u``).
+
+That is all the meta-gradient needs: with ``u = -alpha v_{n+1}`` the adjoint recursion of MTT
+(ALGORITHMS.md §1) is ``v_n = v_{n+1} + H_n u``, ``dX += (d g_n / d X)^T u``.
+
+Two kernels:
+
+* :class:`AutogradKernel` — any model, through PyTorch's double backward
+  (``g`` with ``create_graph=True``, then ``grad(g . u)``);
+* :class:`ConvNetKernel` — the MTT/GLaD ConvNet (conv3x3 -> instance norm -> ReLU -> avg-pool,
+  then linear), written out by hand: the forward pass, the backward pass and Pearlmutter's
+  R-operator (forward-mode tangents of the forward *and* of the backward pass,
+  ``Hu = R{grad_theta l}``, ``(dg/dx)^T u = R{grad_x l}`` by symmetry of mixed partials). It computes
+  exactly the tensors the meta-gradient needs, fuses the two convolutions of each tangent into
+  one call, runs in channels-last layout, skips every gradient nobody asks for, and keeps the
+  per-layer elementwise work to a few passes (PyTorch's generic double backward of GroupNorm
+  spends more time in elementwise kernels than in the convolutions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.functional import FlatModel
+
+
+def student_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with hard labels (int) or with soft labels given as logits (float).
+
+    Soft labels (DynaFed): ``-mean_b sum_k softmax(labels)_bk log softmax(logits)_bk``.
+    """
+    if labels.dtype.is_floating_point:
+        return -(torch.softmax(labels, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+class AutogradKernel:
+    """Generic kernel: autograd double backward through any :class:`FlatModel`."""
+
+    name = "autograd"
+
+    def __init__(self, flat: FlatModel):
+        self.flat = flat
+
+    def forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
+                need_grad: bool = True, lean: bool = False):
+        soft = labels.dtype.is_floating_point
+        th = theta.detach().requires_grad_(True)
+        xx = x.detach().requires_grad_(keep)
+        yy = labels.detach().requires_grad_(keep and soft)
+        with torch.enable_grad():
+            loss = student_loss(self.flat(th, xx), yy)
+            (g,) = torch.autograd.grad(loss, th, create_graph=keep)
+        cache = (th, xx, yy, g) if keep else None
+        return loss.detach(), g.detach(), cache
+
+    def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
+        th, xx, yy, g = cache
+        soft = yy.requires_grad
+        inputs = ([th] if need_theta else []) + [xx] + ([yy] if soft else [])
+        with torch.enable_grad():
+            s = (g * u).sum()
+            grads = torch.autograd.grad(s, inputs, allow_unused=True)
+        grads = [torch.zeros_like(i) if gr is None else gr for i, gr in zip(inputs, grads)]
+        hu = grads.pop(0) if need_theta else None
+        dx = grads.pop(0)
+        dy = grads.pop(0) if soft else None
+        return hu, dx, dy
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written ConvNet kernel
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Block:
+    w: str
+    b: str | None
+    gamma: str | None  # instance-norm affine weight (None: no norm)
+    beta: str | None
+    eps: float
+    pool: bool
+
+
+def _conv_ok(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding == (1, 1) and m.padding_mode == "zeros")
+
+
+class ConvNetKernel:
+    """Hand-written forward / backward / R-operator of the ConvNet (see module docstring).
+
+    Supported: ``features`` = repeated [Conv2d 3x3 pad 1, optional GroupNorm(C, C) (instance norm,
+    affine), ReLU, optional AvgPool2d(2, 2)], then ``classifier`` = Linear on the flattened map.
+    :meth:`supports` tells whether a module qualifies; the engine falls back to
+    :class:`AutogradKernel` otherwise.
+    """
+
+    name = "convnet"
+
+    def __init__(self, flat: FlatModel, channels_last: bool = True):
+        blocks = self.parse(flat.model)
+        if blocks is None:
+            raise ValueError("model is not a supported ConvNet")
+        self.flat, self.blocks = flat, blocks
+        self.fc_w, self.fc_b = "classifier.weight", "classifier.bias"
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    @staticmethod
+    def parse(model: nn.Module) -> list[_Block] | None:
+        feats, cls = getattr(model, "features", None), getattr(model, "classifier", None)
+        if not isinstance(feats, nn.Sequential) or not isinstance(cls, nn.Linear) or cls.bias is None:
+            return None
+        if type(model).forward is not _convnet_forward():
+            return None
+        mods = list(feats.named_children())
+        blocks: list[_Block] = []
+        i = 0
+        while i < len(mods):
+            name, m = mods[i]
+            if not _conv_ok(m) or m.bias is None:
+                return None
+            blk = _Block(f"features.{name}.weight", f"features.{name}.bias", None, None, 0.0, False)
+            i += 1
+            if i < len(mods) and isinstance(mods[i][1], nn.GroupNorm):
+                gn = mods[i][1]
+                if gn.num_groups != gn.num_channels or not gn.affine:
+                    return None
+                blk.gamma, blk.beta, blk.eps = f"features.{mods[i][0]}.weight", f"features.{mods[i][0]}.bias", gn.eps
+                i += 1
+            if i >= len(mods) or not isinstance(mods[i][1], nn.ReLU):
+                return None
+            i += 1
+            if i < len(mods) and isinstance(mods[i][1], nn.AvgPool2d):
+                p = mods[i][1]
+                if p.kernel_size not in (2, (2, 2)) or p.stride not in (2, (2, 2)) or p.padding not in (0, (0, 0)) \
+                        or p.ceil_mode or p.divisor_override is not None:
+                    return None
+                blk.pool = True
+                i += 1
+            blocks.append(blk)
+        return blocks or None
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return cls.parse(model) is not None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _cl(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=self.fmt)
+
+    @staticmethod
+    def _pool_t(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Adjoint of 2x2 average pooling (its own tangent is the pooling itself)."""
+        return torch.ops.aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
+
+    def _flatten_grads(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(-1) for n in self.flat.names])
+
+    # -- forward + backward ----------------------------------------------------------------------
+    def forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
+                need_grad: bool = True, lean: bool = False):
+        """Loss, flat gradient and (``keep``) the tensors the R-operator needs.
+
+        ``need_grad=False`` skips the weight gradients (the exact backward walk already has g_n);
+        ``lean`` keeps fewer tensors (recomputed in :meth:`rop`; for the unrolled mode).
+
+        Instance norm backward, per (sample, channel) over the H*W positions:
+        ``dz = rs * gamma * (dn - mean(dn) - xh * mean(xh dn))`` with ``rs = 1/sigma``.
+        """
+        P = self.flat.params(theta.detach())
+        a = self._cl(x.detach())
+        layers: list[dict] = []
+        for blk in self.blocks:
+            W = P[blk.w]
+            z = F.conv2d(a, W, P[blk.b], padding=1)
+            B, C, H, Wd = z.shape
+            L = {"a": a}
+            if blk.gamma is not None:
+                xh, _, rs = torch.ops.aten.native_group_norm(z, None, None, B, C, H * Wd, C, blk.eps)
+                del z
+                L["xh"], L["rs"] = xh, rs.view(B, C, 1, 1)
+                n = torch.addcmul(P[blk.beta].view(1, -1, 1, 1), xh, P[blk.gamma].view(1, -1, 1, 1))
+            else:
+                n = z
+            L["n"] = n
+            r = torch.relu(n)
+            a = F.avg_pool2d(r, 2) if blk.pool else r
+            layers.append(L)
+        feat = a.flatten(1)
+        Wfc, bfc = P[self.fc_w], P[self.fc_b]
+        logits = torch.addmm(bfc, feat, Wfc.t())
+        B = logits.shape[0]
+        logp = torch.log_softmax(logits, 1)
+        p = logp.exp()
+        if labels.dtype.is_floating_point:
+            q = torch.softmax(labels.detach(), 1)
+            loss = -(q * logp).sum(1).mean()
+            dlogits = (p - q) / B
+        else:
+            q = None
+            loss = F.nll_loss(logp, labels)
+            dlogits = p.clone()
+            dlogits[torch.arange(B, device=p.device), labels] -= 1.0
+            dlogits /= B
+        grads: dict[str, torch.Tensor] = {}
+        if need_grad:
+            grads = {self.fc_w: dlogits.t() @ feat, self.fc_b: dlogits.sum(0)}
+        da = self._cl((dlogits @ Wfc).view(a.shape))
+        for li in range(len(self.blocks) - 1, -1, -1):
+            blk, L = self.blocks[li], layers[li]
+            L["dout"] = da
+            n = L["n"]
+            dn = torch.ops.aten.threshold_backward(self._pool_t(da, n) if blk.pool else da, n, 0)
+            if blk.gamma is not None:
+                xh, rs = L["xh"], L["rs"]
+                hw = xh.shape[2] * xh.shape[3]
+                m0 = dn.mean((2, 3), keepdim=True)
+                m1 = (xh * dn).mean((2, 3), keepdim=True)
+                if need_grad:
+                    grads[blk.gamma] = m1.sum(0).view(-1) * hw
+                    grads[blk.beta] = m0.sum(0).view(-1) * hw
+                gr = P[blk.gamma].view(1, -1, 1, 1) * rs
+                dz = torch.addcmul(dn - m0, xh, m1, value=-1.0).mul_(gr)
+                L["m0"], L["m1"] = m0, m1
+                if not lean:
+                    L["dn"] = dn
+            else:
+                dz = dn
+            L["dz"] = None if lean else dz  # lean: recomputed in rop from dout (3-4 elementwise passes)
+            W = P[blk.w]
+            if li > 0 or need_grad:
+                gin, gw, gb = torch.ops.aten.convolution_backward(
+                    dz, L["a"], W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                    [li > 0, need_grad, need_grad])
+                if need_grad:
+                    grads[blk.w], grads[blk.b] = gw, gb
+                da = gin
+        g = self._flatten_grads(grads) if need_grad else None
+        cache = None
+        if keep:
+            cache = {"layers": layers, "feat": feat, "p": p, "q": q, "dlogits": dlogits, "theta": theta.detach(),
+                     "a_last_shape": a.shape}
+        return loss.detach(), g, cache
+
+    # -- R-operator --------------------------------------------------------------------------------
+    def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
+        """Pearlmutter's R-operator in direction ``u``: tangents of the forward pass, then of the
+        backward pass. ``R{grad_theta l} = H u`` and ``R{grad_x l} = (d g / d x)^T u``.
+
+        Instance norm (per sample and channel over H*W; ``xh`` normalised, ``rs = 1/sigma``,
+        ``P(w) = w - mean(w) - xh mean(xh w)``): the forward tangent is ``xh' = rs P(z')`` and
+        ``sigma'/sigma = rs k`` with ``k = mean(xh z')``; the backward ``dz = rs gamma P(dn)`` has the
+        tangent ``dz' = rs [gamma P(dn') + gamma' P(dn) - gamma (xh' mean(xh dn) + xh mean(xh' dn))]
+        - k rs dz``. ReLU's second derivative is zero almost everywhere: its tangent is its mask.
+        """
+        P = self.flat.params(cache["theta"])
+        U = self.flat.params(u.detach().to(cache["theta"].dtype))
+        layers = cache["layers"]
+        adot = None
+        for li, blk in enumerate(self.blocks):
+            L = layers[li]
+            a_in, n = L["a"], L["n"]
+            if adot is None:
+                zdot = F.conv2d(a_in, U[blk.w], U[blk.b], padding=1)
+            else:  # conv(adot, W) + conv(a, U_W) as one convolution over stacked input channels
+                zdot = F.conv2d(self._cl(torch.cat([adot, a_in], 1)), torch.cat([P[blk.w], U[blk.w]], 1), U[blk.b],
+                                padding=1)
+            L["adot_in"] = adot
+            if blk.gamma is not None:
+                xh, rs = L["xh"], L["rs"]
+                k = (xh * zdot).mean((2, 3), keepdim=True)
+                xhdot = torch.addcmul(zdot.sub_(zdot.mean((2, 3), keepdim=True)), xh, k, value=-1.0).mul_(rs)
+                del zdot
+                L["k"], L["xhdot"] = k, xhdot
+                ndot = torch.addcmul(U[blk.beta].view(1, -1, 1, 1), xh, U[blk.gamma].view(1, -1, 1, 1))
+                ndot.addcmul_(xhdot, P[blk.gamma].view(1, -1, 1, 1))
+            else:
+                ndot = zdot
+            rdot = torch.ops.aten.threshold_backward(ndot, n, 0)
+            del ndot
+            adot = F.avg_pool2d(rdot, 2) if blk.pool else rdot
+        feat, p, q, dlogits = cache["feat"], cache["p"], cache["q"], cache["dlogits"]
+        B = p.shape[0]
+        Wfc = P[self.fc_w]
+        featdot = adot.flatten(1)
+        ldot = featdot @ Wfc.t() + feat @ U[self.fc_w].t() + U[self.fc_b]
+        pdot = p * (ldot - (p * ldot).sum(1, keepdim=True))
+        dlogits_dot = pdot / B
+        dlab = None
+        if q is not None:  # d s / d label_logits through q = softmax(labels): ds/dq = -ldot / B
+            w = -ldot / B
+            dlab = q * (w - (q * w).sum(1, keepdim=True))
+        grads: dict[str, torch.Tensor] = {}
+        if need_theta:
+            grads[self.fc_w] = dlogits_dot.t() @ feat + dlogits.t() @ featdot
+            grads[self.fc_b] = dlogits_dot.sum(0)
+        dadot = self._cl((dlogits_dot @ Wfc + dlogits @ U[self.fc_w]).view(cache["a_last_shape"]))
+        for li in range(len(self.blocks) - 1, -1, -1):
+            blk, L = self.blocks[li], layers[li]
+            a_in, n, dz, adot_in = L["a"], L["n"], L["dz"], L["adot_in"]
+            dndot = torch.ops.aten.threshold_backward(self._pool_t(dadot, n) if blk.pool else dadot, n, 0)
+            dn = L.get("dn")
+            if dn is None and (dz is None or blk.gamma is not None):
+                dout = L["dout"]
+                dn = torch.ops.aten.threshold_backward(self._pool_t(dout, n) if blk.pool else dout, n, 0)
+            if blk.gamma is not None:
+                xh, xhdot, rs, k, m0, m1 = L["xh"], L["xhdot"], L["rs"], L["k"], L["m0"], L["m1"]
+                hw = xh.shape[2] * xh.shape[3]
+                g_, ug = P[blk.gamma].view(1, -1, 1, 1), U[blk.gamma].view(1, -1, 1, 1)
+                if dz is None:
+                    dz = torch.addcmul(dn - m0, xh, m1, value=-1.0).mul_(g_ * rs)
+                m0d = dndot.mean((2, 3), keepdim=True)
+                m1d = (xh * dndot).mean((2, 3), keepdim=True)
+                e = (xhdot * dn).mean((2, 3), keepdim=True)
+                if need_theta:
+                    grads[blk.gamma] = (m1d.sum(0) + e.sum(0)).view(-1) * hw
+                    grads[blk.beta] = m0d.sum(0).view(-1) * hw
+                # dzdot = rs [g dndot + ug dn - g m1 xhdot - xh (g m1d + ug m1 + g e) - (g m0d + ug m0)] - k rs dz
+                dzdot = dndot.mul_(g_ * rs).addcmul_(dn, ug * rs)
+                del dn
+                dzdot.addcmul_(xhdot, g_ * m1 * rs, value=-1.0)
+                dzdot.addcmul_(xh, (g_ * m1d + ug * m1 + g_ * e) * rs, value=-1.0)
+                dzdot.sub_((g_ * m0d + ug * m0) * rs).addcmul_(dz, k * rs, value=-1.0)
+            else:
+                dzdot = dndot
+                dz = dn if dz is None else dz
+            W, UW = P[blk.w], U[blk.w]
+            if need_theta:
+                if adot_in is None:
+                    _, gw, gb = torch.ops.aten.convolution_backward(
+                        dzdot, a_in, W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True])
+                else:  # corr(adot, dz) + corr(a, dzdot) as one weight gradient over a doubled batch
+                    _, gw, _ = torch.ops.aten.convolution_backward(
+                        torch.cat([dz, dzdot], 0), torch.cat([adot_in, a_in], 0), W, None, [1, 1], [1, 1], [1, 1],
+                        False, [0, 0], 1, [False, True, False])
+                    gb = dzdot.sum((0, 2, 3))
+                grads[blk.w], grads[blk.b] = gw, gb
+            # input tangent: convT(dzdot, W) + convT(dz, U_W)
+            if li == 0:  # 3-channel output: two calls beat stacking two large maps
+                gin = torch.ops.aten.convolution_backward(
+                    dzdot, a_in, W, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+                gin += torch.ops.aten.convolution_backward(
+                    dz, a_in, UW, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            else:
+                gin = torch.ops.aten.convolution_backward(
+                    torch.cat([dzdot, dz], 1), a_in, torch.cat([W, UW], 0), None, [1, 1], [1, 1], [1, 1], False,
+                    [0, 0], 1, [True, False, False])[0]
+            dadot = gin
+        hu = self._flatten_grads(grads) if need_theta else None
+        return hu, dadot, dlab
+
+
+def _convnet_forward():
+    from ..models import ConvNet
+
+    return ConvNet.forward
+
+
+def make_kernel(flat: FlatModel, engine: str = "auto"):
+    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet' or 'autograd'."""
+    from ..utils import FedLatentError
+
+    if engine not in ("auto", "convnet", "autograd"):
+        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, autograd)")
+    if engine == "autograd":
+        return AutogradKernel(flat)
+    if ConvNetKernel.supports(flat.model):
+        return ConvNetKernel(flat)
+    if engine == "convnet":
+        raise FedLatentError(f"the 'convnet' engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
+                             f"got {type(flat.model).__name__}")
+    return AutogradKernel(flat)
+
+
+__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel"]

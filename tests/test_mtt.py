@@ -1,0 +1,349 @@
+"""Trajectory matching: gradients vs finite differences, exact == unrolled, kernels, errors, loop."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedlatent.distill import mtt
+from fedlatent.distill.augment import DSA
+from fedlatent.distill.distiller import DistillConfig, Distiller, TrajectorySampler
+from fedlatent.distill.experts import load_experts, save_experts, train_experts
+from fedlatent.distill.kernels import AutogradKernel, ConvNetKernel, make_kernel
+from fedlatent.distill.pixels import evaluate_synthetic, init_synthetic
+from fedlatent.models import get_model
+from fedlatent.models.functional import FlatModel
+from fedlatent.synthetic import PixelSet
+from fedlatent.utils import FedLatentError
+
+K = 4  # classes in the toy problems
+
+
+def _problem(spec="convnet-d3:width=4", n=8, size=8, soft=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = get_model(spec, 3, K, size).double()
+    flat = FlatModel(model)
+    with torch.no_grad():  # move away from the init so that norms/biases are generic
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    start = flat.flatten()
+    target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=start.dtype)
+    x = torch.randn(n, 3, size, size, generator=g, dtype=torch.float64)
+    y = torch.randn(n, K, generator=g, dtype=torch.float64) if soft else torch.arange(n) % K
+    return flat, start, target, x, y
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+LOG_LR = torch.tensor(math.log(0.1), dtype=torch.float64)
+
+
+# -- small identities --------------------------------------------------------------------------
+def test_trajectory_loss_identities():
+    s, t = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    assert float(mtt.trajectory_loss(t, s, t)) == 0.0
+    assert float(mtt.trajectory_loss(s, s, t)) == pytest.approx(1.0)
+    mid = 0.5 * (s + t)
+    assert float(mtt.trajectory_loss(mid, s, t)) == pytest.approx(0.25)
+
+
+def test_plan_is_seeded_and_covers_the_set():
+    a = mtt.make_plan(10, 7, 4, seed=3)
+    b = mtt.make_plan(10, 7, 4, seed=3)
+    assert all(torch.equal(p.indices, q.indices) and p.seed == q.seed for p, q in zip(a, b))
+    assert [len(p.indices) for p in a[:3]] == [2, 4, 4]  # chunks of one permutation, popped from the end
+    assert sorted(torch.cat([p.indices for p in a[:3]]).tolist()) == list(range(10))
+    assert len({p.seed for p in a}) == 7
+    assert all(p.seed is None for p in mtt.make_plan(10, 3, 10, seed=0, augment=False))
+
+
+def test_student_step_is_one_sgd_step():
+    flat, start, _, x, y = _problem()
+    step = mtt.make_plan(8, 1, 8, seed=0, augment=False)[0]
+    new = mtt.student_step(flat, start, x, y, LOG_LR, step)
+    th = start.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(flat(th, x[step.indices]), y[step.indices])
+    (g,) = torch.autograd.grad(loss, th)
+    assert torch.allclose(new, start - 0.1 * g)
+
+
+# -- gradients -------------------------------------------------------------------------------
+@pytest.mark.parametrize("soft", [False, True])
+def test_unrolled_gradients_match_central_finite_differences(soft):
+    flat, start, target, x, y = _problem(soft=soft)
+    dsa = DSA(siamese=True, mode="all")
+    plan = mtt.make_plan(8, 3, 5, seed=1)
+
+    def loss(xx=x, ll=LOG_LR, yy=y):
+        return mtt.meta_gradient(flat, start, target, xx, yy, ll, plan, dsa, mode="unrolled", engine="autograd").loss
+
+    res = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, dsa, mode="unrolled", engine="autograd")
+    eps = 1e-6
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    fd = (loss(xx=x + eps * d) - loss(xx=x - eps * d)) / (2 * eps)
+    assert float((res.grad_images * d).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    fd = (loss(ll=LOG_LR + eps) - loss(ll=LOG_LR - eps)) / (2 * eps)
+    assert float(res.grad_log_lr) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    if soft:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=y.dtype)
+        fd = (loss(yy=y + eps * dy) - loss(yy=y - eps * dy)) / (2 * eps)
+        assert float((res.grad_labels * dy).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    else:
+        assert res.grad_labels is None
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("siamese", [True, False])
+def test_exact_equals_unrolled_for_both_engines(soft, siamese):
+    flat, start, target, x, y = _problem(soft=soft, seed=2)
+    plan = mtt.make_plan(8, 4, 6, seed=4)
+    dsa = DSA(siamese=siamese, mode="all")
+    ref = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, dsa, mode="unrolled", engine="autograd")
+    for mode in ("exact", "unrolled"):
+        for engine in ("autograd", "convnet"):
+            r = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, dsa, mode=mode, engine=engine)
+            assert r.loss == pytest.approx(ref.loss, rel=1e-12)
+            assert _rel(r.grad_images, ref.grad_images) < 1e-5
+            assert _rel(r.grad_log_lr, ref.grad_log_lr) < 1e-5
+            assert torch.allclose(r.theta_end, ref.theta_end, rtol=1e-10, atol=1e-12)
+            if soft:
+                assert _rel(r.grad_labels, ref.grad_labels) < 1e-5
+
+
+def test_the_hessian_terms_matter():
+    """Dropping the second-order terms (TESLA-style detached weights) gives a different gradient,
+    so the equality above really tests the H v recursion."""
+    flat, start, target, x, y = _problem(seed=3)
+    plan = mtt.make_plan(8, 4, 8, seed=0, augment=False)
+    exact = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, mode="exact")
+    thetas, th = [start], start
+    for st in plan:
+        th = mtt.student_step(flat, th, x, y, LOG_LR, st)
+        thetas.append(th.detach())
+    v = 2 * (th - target) / (start - target).pow(2).sum()
+    xx = x.clone().requires_grad_(True)
+    approx = torch.zeros_like(x)
+    for n, st in enumerate(plan):  # sum_n (dg_n/dX)^T (-alpha v_N) with theta_n held fixed
+        t = thetas[n].clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(flat(t, xx), y)
+        (g,) = torch.autograd.grad(loss, t, create_graph=True)
+        (gx,) = torch.autograd.grad((g * (-0.1 * v)).sum(), xx)
+        approx += gx
+    assert _rel(approx, exact.grad_images) > 1e-3
+
+
+@pytest.mark.parametrize("spec,soft", [
+    ("convnet-d3:width=6", False),
+    ("convnet:width=5,depth=2,norm=none", True),
+    ("convnet:width=5,depth=2,pooling=none", True),
+])
+def test_convnet_kernel_matches_autograd_kernel(spec, soft):
+    flat, start, _, x, y = _problem(spec=spec, n=5, soft=soft, seed=7)
+    assert ConvNetKernel.supports(flat.model)
+    u = torch.randn(start.shape, generator=torch.Generator().manual_seed(1), dtype=start.dtype)
+    A, C = AutogradKernel(flat), ConvNetKernel(flat)
+    la, ga, ca = A.forward(start, x, y, keep=True)
+    lc, gc, cc = C.forward(start, x, y, keep=True)
+    assert float(lc) == pytest.approx(float(la), rel=1e-12)
+    assert _rel(gc, ga) < 1e-10
+    ha, xa, ya = A.rop(ca, u)
+    hc, xc, yc = C.rop(cc, u)
+    assert _rel(hc, ha) < 1e-10 and _rel(xc, xa) < 1e-10
+    if soft:
+        assert _rel(yc, ya) < 1e-10
+    hl, xl, _ = C.rop(C.forward(start, x, y, keep=True, lean=True)[2], u)  # lean cache: recomputes dn, dz
+    assert _rel(hl, ha) < 1e-10 and _rel(xl, xa) < 1e-10
+    assert C.rop(C.forward(start, x, y, keep=True, need_grad=False)[2], u, need_theta=False)[0] is None
+    # Hu is the Hessian-vector product: compare with a finite difference of gradients
+    eps = 1e-6
+    gp = C.forward(start + eps * u, x, y, keep=False)[1]
+    gm = C.forward(start - eps * u, x, y, keep=False)[1]
+    assert _rel(hc, (gp - gm) / (2 * eps)) < 1e-5
+
+
+def test_other_models_use_the_autograd_kernel():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Tanh(), nn.Linear(6, K)).double()
+    flat = FlatModel(model)
+    assert isinstance(make_kernel(flat), AutogradKernel)
+    with pytest.raises(FedLatentError, match="convnet"):
+        make_kernel(flat, "convnet")
+    assert not ConvNetKernel.supports(get_model("convnet:width=4,norm=batchnorm", 3, K, 8))
+    _, _, _, x, y = _problem()
+    start = flat.flatten()
+    target = start + 0.1
+    plan = mtt.make_plan(8, 3, 8, seed=0)
+    a = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), mode="exact")
+    b = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), mode="unrolled")
+    assert _rel(a.grad_images, b.grad_images) < 1e-8
+
+
+def test_float32_exact_close_to_unrolled():
+    flat, start, target, x, y = _problem(seed=4)
+    flat = FlatModel(flat.model.float())
+    args = (flat, start.float(), target.float(), x.float(), y, LOG_LR.float(), mtt.make_plan(8, 5, 8, seed=1), DSA())
+    a = mtt.meta_gradient(*args, mode="exact")
+    b = mtt.meta_gradient(*args, mode="unrolled", engine="autograd")
+    assert a.grad_images.dtype == torch.float32
+    assert _rel(a.grad_images, b.grad_images) < 1e-4
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    flat, start, target, x, y = _problem()
+    plan = mtt.make_plan(8, 2, 8, seed=0)
+    mg = mtt.meta_gradient
+    with pytest.raises(FedLatentError, match="start parameters"):
+        mg(flat, start[:-1], target, x, y, LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="target parameters"):
+        mg(flat, start, torch.cat([target, target]), x, y, LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="identical"):
+        mg(flat, start, start.clone(), x, y, LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="labels for"):
+        mg(flat, start, target, x, y[:5], LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="out of range"):
+        mg(flat, start, target, x[:4], y[:4], LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="mode"):
+        mg(flat, start, target, x, y, LOG_LR, plan, mode="fast")
+    with pytest.raises(FedLatentError, match="engine"):
+        mg(flat, start, target, x, y, LOG_LR, plan, engine="cuda")
+    with pytest.raises(FedLatentError, match="do not fit"):
+        mg(flat, start, target, torch.randn(8, 1, 8, 8, dtype=torch.float64), y, LOG_LR, plan, engine="autograd")
+    with pytest.raises(FedLatentError, match="NaN"):
+        mg(flat, start, target, x * float("nan"), y, LOG_LR, plan)
+    with pytest.raises(FedLatentError, match="batch_syn"):
+        mtt.make_plan(8, 2, 9, seed=0)
+    with pytest.raises(FedLatentError, match="syn_steps"):
+        mtt.make_plan(8, 0, 8, seed=0)
+
+
+def test_diverging_student_raises_non_finite():
+    flat, start, target, x, y = _problem()
+    with pytest.raises(FedLatentError, match="non-finite"):
+        mtt.meta_gradient(flat, start, target, x * 1e3, y, torch.tensor(math.log(1e300), dtype=torch.float64),
+                          mtt.make_plan(8, 6, 8, seed=0))
+
+
+def test_init_synthetic_checks_ipc(digits16):
+    imgs, labels = init_synthetic(digits16, 2, "real", seed=0)
+    assert imgs.shape == (20, 1, 16, 16) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    for i in range(20):  # each image is a real training image of its class
+        hits = (digits16.x_train == imgs[i]).flatten(1).all(1).nonzero().flatten()
+        assert len(hits) >= 1 and int(digits16.y_train[hits[0]]) == int(labels[i])
+    assert init_synthetic(digits16, 2, "noise", seed=1)[0].shape == (20, 1, 16, 16)
+    with pytest.raises(FedLatentError, match="fewer than ipc"):
+        init_synthetic(digits16, 1000)
+
+
+# -- experts, sampler, loop --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_experts(digits16):
+    from dataclasses import replace
+
+    data = replace(digits16, x_train=digits16.x_train[:200], y_train=digits16.y_train[:200])
+    trajs = train_experts("convnet:width=8,depth=2", data, num_experts=2, epochs=4, lr=0.01, batch_size=50,
+                          seed=0, progress=False)
+    return data, trajs
+
+
+def test_experts_are_seeded_and_round_trip(tiny_experts, tmp_path):
+    data, trajs = tiny_experts
+    assert len(trajs) == 2 and trajs[0].shape[0] == 5
+    assert not torch.equal(trajs[0][0], trajs[1][0])  # different initialisations
+    assert (trajs[0][1:] - trajs[0][:-1]).norm(dim=1).min() > 0  # the weights move every epoch
+    save_experts(tmp_path / "e.safetensors", trajs, {"arch": "x"})
+    back, meta = load_experts(tmp_path / "e.safetensors")
+    assert meta == {"arch": "x"} and all(torch.equal(a, b) for a, b in zip(trajs, back))
+    (tmp_path / "junk.safetensors").write_bytes(b"nope")
+    with pytest.raises(FedLatentError):
+        load_experts(tmp_path / "junk.safetensors")
+
+
+def test_trajectory_sampler_ranges_and_averaging(tiny_experts):
+    _, trajs = tiny_experts
+    s = TrajectorySampler(trajs, expert_epochs=2, max_start_epoch=10, seed=1)
+    for it in range(30):
+        a, b = s(it)
+        hit = [(e, t) for e, tr in enumerate(trajs) for t in range(len(tr)) if torch.equal(tr[t], a)]
+        e, t = hit[0]
+        assert t < 3 and torch.equal(b, trajs[e][t + 2])  # start < min(10, 5 - 2)
+    a1, b1 = s(7)
+    a2, b2 = s(7)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    avg = TrajectorySampler(trajs, 2, 10, seed=1, average=(2, 3))
+    a, b = avg(0)
+    e, t = next((e, t) for e, tr in enumerate(trajs) for t in range(len(tr)) if torch.equal(tr[t], a))
+    # the target is a mean of snapshots start+1..start+2: a convex combination of the two
+    p1, p2 = trajs[e][t + 1], trajs[e][t + 2]
+    w = float(((b - p2) @ (p1 - p2)) / ((p1 - p2) @ (p1 - p2)))
+    assert torch.allclose(b, w * p1 + (1 - w) * p2, atol=1e-6) and 0 <= w <= 1
+    with pytest.raises(FedLatentError, match="too short"):
+        TrajectorySampler(trajs, expert_epochs=5, max_start_epoch=3)
+
+
+def test_distiller_reduces_the_loss(tiny_experts):
+    data, trajs = tiny_experts
+    model = get_model("convnet:width=8,depth=2", 1, 10, 16)
+    imgs, labels = init_synthetic(data, 1, "real", seed=0)
+    syn = PixelSet(imgs)
+    cfg = DistillConfig(syn_steps=5, expert_epochs=2, max_start_epoch=1, lr_img=100.0, lr_lr=0.0, dsa=False)
+    d = Distiller(model, syn, labels, lambda it: (trajs[0][0], trajs[0][2]), cfg)
+    d.run(25, progress=False)
+    losses = [h.loss for h in d.history]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+    assert not torch.equal(syn.images.detach(), imgs)
+
+
+def test_distiller_learns_lr_and_soft_labels_and_restores_on_divergence(tiny_experts):
+    data, trajs = tiny_experts
+    model = get_model("convnet:width=8,depth=2", 1, 10, 16)
+    imgs, labels = init_synthetic(data, 1, "noise", seed=0)
+    soft = 3.0 * nn.functional.one_hot(labels, 10).float()
+    syn = PixelSet(imgs)
+    cfg = DistillConfig(syn_steps=3, expert_epochs=1, max_start_epoch=2, lr_img=10.0, lr_lr=0.01, lr_label=1.0)
+    d = Distiller(model, syn, soft, TrajectorySampler(trajs, 1, 2, seed=0), cfg)
+    d.run(2, progress=False)
+    assert d.lr != pytest.approx(0.01, rel=1e-9) and not torch.equal(d.labels.detach(), soft)
+    good = syn.images.detach().clone()
+    for gr in d.opt_img.param_groups:  # the next update overflows
+        gr["lr"] = float("inf")
+    with pytest.raises(FedLatentError, match="restored"):
+        d.step()
+    assert torch.equal(syn.images.detach(), good)
+
+
+def test_evaluate_synthetic_is_seeded(tiny_experts):
+    data, _ = tiny_experts
+    imgs, labels = init_synthetic(data, 2, "real", seed=0)
+    kw = dict(arch="convnet:width=8,depth=2", data=data, epochs=3, lr=0.01, seeds=(0, 1), progress=False, max_test=100)
+    a = evaluate_synthetic(imgs, labels, **kw)
+    b = evaluate_synthetic(imgs, labels, **kw)
+    assert a == b and len(a["accs"]) == 2 and all(0 <= v <= 1 for v in a["accs"])
+    with pytest.raises(FedLatentError):
+        evaluate_synthetic(imgs, labels, **{**kw, "lr": float("nan")})
+
+
+def test_cli_distill_pixels(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fedlatent.cli import main
+
+    args = ["distill-pixels", "--dataset", "digits", "--arch", "convnet:width=4,depth=2", "--ipc", "1",
+            "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1", "--iterations", "2",
+            "--num-experts", "1", "--train-limit", "10", "--eval-epochs", "2", "--eval-seeds", "1", "--quiet",
+            "--lr-img", "10"]
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert len(m["loss_history"]) == 2 and m["kernel"] == "convnet" and m["evaluation"]["accs"]
+    assert (tmp_path / "o" / "grid.png").stat().st_size > 0
+    # reuse the experts; asking for more images per class than exist is a one-line error
+    r = CliRunner().invoke(main, args + ["--experts", str(tmp_path / "o" / "experts.safetensors"), "--ipc", "50",
+                                         "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "fewer than ipc" in r.output
