@@ -1,0 +1,298 @@
+"""FedDGM: batched == looped distillation, the strategy's screening and errors, end-to-end run folder, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlatent.utils import FedLatentError
+
+TINY = dict(clients=2, participation=1.0, rounds=2, local_epochs=1, batch_size=64, model="convnet:width=8",
+            surrogate="convnet:width=8", ipc=1, iterations=2, syn_steps=2, train_epochs=1, seed=3)
+
+
+def _ctx(digits16, **cfg):
+    from fedlatent.fl.base import FLConfig, FLContext
+
+    c = FLConfig(**{"model": "convnet:width=8", "seed": 0, **cfg}).check()
+    return FLContext(config=c, num_classes=10, channels=1, image_size=16, class_names=list(digits16.classes),
+                     client_sizes=[100] * c.clients, mean=tuple(digits16.mean), std=tuple(digits16.std))
+
+
+def _uploads(strategy, n: int, scale: float = 0.02):
+    from fedlatent.fl.base import Upload
+
+    start = strategy.client_payload(1, 0)["params"]
+    out = []
+    for cid in range(n):
+        g = torch.Generator().manual_seed(100 + cid)
+        end = start + scale * torch.randn(start.shape, generator=g)
+        out.append(Upload(cid, {"start": start.clone(), "end": end}, 50))
+    return out
+
+
+# -- batched == looped ---------------------------------------------------------------------------------
+def test_batched_meta_gradient_equals_engine_per_problem_float64():
+    """vmap over clients computes exactly the engine's exact-mode meta-gradient of every client (DSA on)."""
+    from fedlatent.distill.augment import DSA
+    from fedlatent.distill.mtt import make_plan, meta_gradient
+    from fedlatent.fl.feddgm import batched_meta_gradient
+    from fedlatent.models import get_model
+    from fedlatent.models.functional import FlatModel
+
+    torch.manual_seed(0)
+    model = get_model("convnet:width=6", 1, 10, 16).double()
+    flat = FlatModel(model)
+    K, N = 3, 10
+    th0 = flat.flatten().double()
+    starts = torch.stack([th0 + 0.01 * torch.randn_like(th0) for _ in range(K)])
+    ends = starts + 0.05 * torch.randn_like(starts)
+    imgs = torch.randn(K, N, 1, 16, 16, dtype=torch.float64)
+    labels = torch.arange(10).repeat(K, 1)
+    log_lr = torch.log(torch.tensor([0.01, 0.02, 0.005], dtype=torch.float64))
+    aug = DSA(siamese=False)
+    plans = [make_plan(N, 3, 4, seed=10 + k) for k in range(K)]
+    res = batched_meta_gradient(flat, starts, ends, imgs, labels, log_lr, plans, aug)
+    for k in range(K):
+        ref = meta_gradient(flat, starts[k], ends[k], imgs[k], labels[k], log_lr[k], plans[k], aug, mode="exact")
+        assert abs(res[k].loss - ref.loss) < 1e-12
+        assert torch.allclose(res[k].grad_images, ref.grad_images, rtol=1e-9, atol=1e-13)
+        assert torch.allclose(res[k].grad_log_lr, ref.grad_log_lr, rtol=1e-9, atol=1e-13)
+        assert torch.allclose(res[k].theta_end, ref.theta_end, rtol=1e-10, atol=1e-13)
+        assert ref.grad_images.abs().max() > 0  # a real gradient, not zeros on both sides
+
+
+def test_batched_distillation_identical_to_loop_through_the_strategy(digits16):
+    """Two FedDGM iterations of 3 clients in F2 latent space: batched (vmap) and looped give the same latents."""
+    from fedlatent.fl.feddgm import FedDGM, distill_clients
+
+    outs = []
+    for batched in (False, True):
+        s = FedDGM(generator="digits", space="F2", ipc=1, iterations=2, syn_steps=3, surrogate="convnet:width=8",
+                   train_epochs=0, progress=False, save_artifacts=False, batched=batched)
+        s.setup(_ctx(digits16, clients=3))
+        ups = _uploads(s, 3)
+        ds = s.make_distillers(1, ups)
+        runs, bsz = distill_clients(ds, [0, 1, 2], 2, batched=batched, max_batch=2, progress=False)
+        assert bsz == (2 if batched else 1)
+        outs.append(([torch.cat([p.detach().flatten() for p in d.synthetic.parameters()]) for d in ds],
+                     [r.losses for r in runs], [d.lr for d in ds]))
+    (p0, l0, lr0), (p1, l1, lr1) = outs
+    for a, b in zip(p0, p1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    for a, b in zip(l0, l1):
+        assert len(a) == len(b) == 2 and all(abs(x - y) < 1e-5 * max(1.0, abs(x)) for x, y in zip(a, b))
+    assert all(abs(a - b) < 1e-6 * a for a, b in zip(lr0, lr1))
+    # the latents actually moved
+    s = FedDGM(generator="digits", space="F2", ipc=1, surrogate="convnet:width=8", progress=False)
+    s.setup(_ctx(digits16, clients=3))
+    fresh = s.make_distillers(1, _uploads(s, 3))
+    assert not torch.allclose(torch.cat([p.flatten() for p in fresh[0].synthetic.parameters()]), p0[0])
+
+
+def test_a_diverging_client_stops_alone_in_both_modes(digits16):
+    """A client whose update turns non-finite keeps its last good set and stops; the others go on (loop == batch)."""
+    from fedlatent.fl.feddgm import FedDGM, distill_clients
+
+    outs = []
+    for batched in (False, True):
+        s = FedDGM(generator="digits", space="F2", ipc=1, syn_steps=2, surrogate="convnet:width=8", progress=False,
+                   save_artifacts=False)
+        s.setup(_ctx(digits16, clients=3))
+        ds = s.make_distillers(1, _uploads(s, 3))
+        for g in ds[1].opt_img.param_groups:  # client 1 explodes on its first update
+            g["lr"] = float("inf")
+        before = [p.detach().clone() for p in ds[1].synthetic.parameters()]
+        runs, _ = distill_clients(ds, [0, 1, 2], 2, batched=batched, progress=False)
+        assert runs[1].failure is not None and "non-finite" in runs[1].failure and runs[1].losses == []
+        assert all(torch.equal(a, b) for a, b in zip(before, ds[1].synthetic.parameters()))  # restored
+        assert runs[0].failure is None and runs[2].failure is None and len(runs[0].losses) == len(runs[2].losses) == 2
+        outs.append(torch.cat([p.detach().flatten() for p in ds[2].synthetic.parameters()]))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_sets_rendering_to_nan_are_dropped_from_the_pool(digits16):
+    """Finite but huge latents render to inf images: the client's next iteration stops it and aggregate drops
+    its set instead of training the global model on it."""
+    from fedlatent.fl.feddgm import FedDGM
+
+    s = FedDGM(generator="digits", space="F2", ipc=1, iterations=2, syn_steps=2, surrogate="convnet:width=8",
+               train_epochs=1, progress=False, save_artifacts=False)
+    s.setup(_ctx(digits16))
+    ups = _uploads(s, 2)
+    orig = s.make_distillers
+
+    def sabotaged(rnd, uploads):
+        ds = orig(rnd, uploads)
+        for g in ds[0].opt_img.param_groups:
+            g["lr"] = 1e38
+        return ds
+
+    s.make_distillers = sabotaged
+    m = s.aggregate(1, ups)
+    assert m["distill_failed"] == 1.0 and m["distill_dropped"] == 1.0 and m["pool_size"] == 10.0
+    assert set(s.pool.clients.tolist()) == {1} and torch.isfinite(s.pool.images).all()
+    assert all(torch.isfinite(p).all() for p in s.model.parameters())
+
+
+def test_batch_size_comes_from_memory():
+    from fedlatent.fl.feddgm import choose_batch, client_bytes
+    from fedlatent.models import get_model
+    from fedlatent.models.functional import FlatModel
+
+    flat = FlatModel(get_model("convnet:width=8", 1, 10, 16))
+    per = client_bytes(flat, 20, 20, 5, (1, 16, 16))
+    assert per > 4 * 20 * 16 * 16 * 3  # at least the images, their gradient and the augmented batch
+    bigger = client_bytes(flat, 20, 20, 10, (1, 16, 16))
+    assert bigger > per  # more steps store more theta_n / g_n
+    assert choose_batch(10, per, 3 * per) == 3
+    assert choose_batch(10, per, per // 2) == 1
+    assert choose_batch(10, per, 100 * per) == 10
+    assert choose_batch(10, per, 100 * per, max_batch=4) == 4
+
+
+# -- strategy contract ------------------------------------------------------------------------------------
+def test_uploads_are_start_and_end_only_and_screened(digits16):
+    from fedlatent.fl.base import ClientData, Upload
+    from fedlatent.fl.feddgm import FedDGM
+    from fedlatent.fl.validate import check_upload
+
+    s = FedDGM(generator="digits", space="F2", ipc=1, surrogate="convnet:width=8", progress=False)
+    ctx = _ctx(digits16)
+    s.setup(ctx)
+    payload = s.client_payload(1, 0)
+    assert set(payload) == {"params"}
+    data = ClientData(0, digits16.x_train[:40], digits16.y_train[:40])
+    up = s.client_update(ctx, 1, 0, payload, data)
+    spec = s.expected_upload(0)
+    assert set(up.tensors) == {"start", "end"} and check_upload(up, 0, spec) is None
+    assert torch.equal(up.tensors["start"], payload["params"]) and not torch.equal(up.tensors["end"], payload["params"])
+    nan = dict(up.tensors, end=up.tensors["end"].clone())
+    nan["end"][0] = float("nan")
+    assert "NaN" in check_upload(Upload(0, nan, 40), 0, spec)
+    short = dict(up.tensors, end=up.tensors["end"][:-1])
+    assert "shape" in check_upload(Upload(0, short, 40), 0, spec)
+    extra = dict(up.tensors, data=digits16.x_train[:2])
+    assert "unexpected" in check_upload(Upload(0, extra, 40), 0, spec)
+
+
+def test_aggregate_drops_a_forged_start(digits16):
+    from fedlatent.fl.feddgm import FedDGM
+
+    s = FedDGM(generator="digits", space="F2", ipc=1, iterations=1, syn_steps=2, surrogate="convnet:width=8",
+               train_epochs=1, progress=False, save_artifacts=False)
+    s.setup(_ctx(digits16))
+    ups = _uploads(s, 2)
+    ups[1].tensors["start"] = ups[1].tensors["start"] + 1.0
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    m = s.aggregate(1, ups)
+    assert m["start_mismatch"] == 1.0 and m["pool_size"] == 10.0
+    assert set(s.pool.clients.tolist()) == {0}
+    assert any(not torch.equal(before[k], v) for k, v in s.model.state_dict().items())  # trained on the pool
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(surrogate="foonet"), "unknown architecture"),
+    (dict(generator="no-such-generator"), "unknown generator"),
+    (dict(generator="/tmp/definitely/missing.safetensors"), "does not exist|missing|unknown"),
+    (dict(surrogate="convnet:width=8,norm=batchnorm"), "buffers"),
+    (dict(space="F99"), "F99|layer|k"),
+])
+def test_setup_errors_are_clear(digits16, kw, match):
+    from fedlatent.fl.feddgm import FedDGM
+
+    args = dict(generator="digits", space="F2", ipc=1, surrogate="convnet:width=8", progress=False)
+    args.update(kw)
+    with pytest.raises(FedLatentError, match=match):
+        FedDGM(**args).setup(_ctx(digits16))
+
+
+@pytest.mark.parametrize("kw", [dict(ipc=0), dict(syn_steps=0), dict(lr_img=-1.0), dict(pool="everything"),
+                                dict(batched="sometimes"), dict(classes="present"), dict(space="Z3")])
+def test_bad_options(kw):
+    from fedlatent.fl.feddgm import FedDGM
+
+    with pytest.raises(FedLatentError):
+        FedDGM(**kw)
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from fedlatent.fl.feddgm import distill_federated
+
+    out = tmp_path_factory.mktemp("feddgm") / "run"
+    res = distill_federated(out=out, progress=False, **TINY)
+    return out, res
+
+
+def test_end_to_end_writes_the_run_folder(tiny_run):
+    from fedlatent.export import load_distilled
+    from fedlatent.fl.run import read_metrics
+
+    out, res = tiny_run
+    for name in ("config.json", "metrics.csv", "accuracy.png", "grid_round1.png", "grid_round2.png",
+                 "distilled.safetensors", "report.md", "summary.json", "checkpoints/latest.json"):
+        assert (out / name).is_file(), name
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert rows[2]["pool_size"] == 20 and rows[2]["distill_failed"] == 0
+    ds, meta = load_distilled(out / "distilled.safetensors")
+    assert len(ds) == 2 * 10 and sorted(set(ds.clients.tolist())) == [0, 1] and set(ds.rounds.tolist()) == {2}
+    assert meta["generator"] == "digits" and len(meta["generator_sha256"]) == 64 and meta["latent_space"] == "F2"
+    assert ds.latents["ws"].shape[:2] == (20, 7) and ds.latents["f_k"].shape[0] == 20
+    cfg = json.loads((out / "config.json").read_text())
+    ps = cfg["generator_public_split"]
+    assert ps["excluded"] == 269 and sum(json.loads((out / "summary.json").read_text())["client_sizes"]) == 1347 - 269
+    report = (out / "report.md").read_text()
+    assert "Global model accuracy" in report and "| 2 |" in report
+    assert res.final_accuracy == rows[-1]["accuracy"]
+
+
+def test_clients_never_hold_the_generators_public_split(digits16):
+    """The digits generator was trained on a public split; FedDGM's clients get exactly the complement."""
+    from fedlatent.fl.feddgm import private_training_data
+    from fedlatent.generators.train import public_split_indices
+
+    priv, info = private_training_data(digits16, "digits")
+    pub = public_split_indices(len(digits16.y_train), info["fraction"], info["seed"])
+    assert len(priv.y_train) + len(pub) == len(digits16.y_train)
+    # no public image is among the private ones
+    pub_x = digits16.x_train[torch.from_numpy(pub)].flatten(1)
+    d = torch.cdist(pub_x[:50], priv.x_train.flatten(1)).min()
+    assert d > 0
+
+
+def test_cli_distill_export_eval(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from fedlatent.export import load_distilled
+
+    out, _ = tiny_run
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", str(out), "--out", str(tmp_path / "e.safetensors"), "--uint8"])
+    assert r.exit_code == 0, r.output
+    ds, meta = load_distilled(tmp_path / "e.safetensors")
+    assert meta["image_encoding"] == "uint8" and len(ds) == 20
+    r = runner.invoke(main, ["eval", str(tmp_path / "e.safetensors"), "--arch", "convnet:width=8", "--epochs", "2",
+                             "--seeds", "0,1", "--max-test", "100", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "convnet:width=8" in r.output and "+-" in r.output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    r = runner.invoke(main, ["eval", str(bad)])
+    assert r.exit_code == 2 and "error:" in r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "e.safetensors"), "--arch", "foonet", "--epochs", "1"])
+    assert r.exit_code == 2 and "unknown architecture" in r.output
+    args = ["distill", "--out", str(tmp_path / "cli"), "--no-progress", "--clients", "2", "--rounds", "1",
+            "--local-epochs", "1", "--ipc", "1", "--iterations", "1", "--syn-steps", "2", "--train-epochs", "1",
+            "--surrogate", "convnet:width=8", "--model", "convnet:width=8", "--looped", "-O", "batch_size=64"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("feddgm: final accuracy")
+    assert (tmp_path / "cli" / "distilled.safetensors").is_file()
+    r = runner.invoke(main, ["distill", "--out", str(tmp_path / "x"), "--generator", "nope", "--no-progress"])
+    assert r.exit_code == 2 and "unknown generator" in r.output
