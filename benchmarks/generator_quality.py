@@ -6,8 +6,9 @@ classified as the class they were generated for (overall and per class), the cla
 the generator's training time (from its manifest entry / checkpoint metadata) and a PNG grid (one row per
 class). Writes a JSON report.
 
-    OMP_NUM_THREADS=1 python benchmarks/generator_quality.py --datasets digits,mnist,fashion-mnist \
-        --data-root /work/shared/data --out benchmarks/results/generator_quality.json
+    OMP_NUM_THREADS=1 python benchmarks/generator_quality.py --datasets digits,mnist,fashion-mnist,cifar10 \
+        --data-root /work/shared/data --psi 1.0,0.7 --classifier-steps 800 \
+        --out benchmarks/results/generator_quality.json
 
 Targets: MNIST / Fashion-MNIST >= 85 %, CIFAR-10 >= 50 % (report). Smoke test: ``--datasets digits
 --per-class 4 --classifier-steps 20 --out /tmp/q.json --grid-dir /tmp``.
