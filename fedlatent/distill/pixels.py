@@ -9,11 +9,12 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import ImageData
 from ..models import get_model
@@ -21,6 +22,7 @@ from ..synthetic import PixelSet
 from ..utils import FedLatentError, derive_seed, numpy_rng, torch_generator
 from .augment import DSA
 from .distiller import DistillConfig, Distiller, TrajectorySampler
+from .kernels import student_loss
 
 
 def init_synthetic(data: ImageData, ipc: int, init: str = "real", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,37 +47,63 @@ def init_synthetic(data: ImageData, ipc: int, init: str = "real", seed: int = 0)
     return torch.cat(imgs).clone(), labels
 
 
-def _targets(labels: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(labels, 1) if labels.dtype.is_floating_point else labels
+def fit_on_set(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, opt: torch.optim.Optimizer, *,
+               epochs: int, batch_size: int, augment: Callable[[torch.Tensor, int | None], torch.Tensor] | None,
+               generator: torch.Generator, on_epoch: Callable[[int], None] | None = None) -> float:
+    """Train ``model`` in place on a small (synthetic) set: ``epochs`` shuffled passes of ``opt`` over
+    minibatches, optionally augmented (DSA), with :func:`~fedlatent.distill.kernels.student_loss`
+    (hard int labels or soft-label logits).
+
+    The one training loop behind evaluating a distilled set, DynaFed's server fine-tuning and FedDGM's
+    server training on the pool. Shuffles and augmentation seeds come from ``generator``;
+    ``on_epoch(ep)`` runs before each epoch (e.g. an lr decay). Returns the mean minibatch loss (nan
+    when no step was taken).
+    """
+    n = int(x_all.shape[0])
+    if epochs <= 0 or n == 0:
+        return math.nan
+    device = next(model.parameters()).device
+    x_all, y_all = x_all.detach().to(device), y_all.detach().to(device)
+    was_training = model.training
+    model.train()
+    total, steps = 0.0, 0
+    for ep in range(epochs):
+        if on_epoch is not None:
+            on_epoch(ep)
+        order = torch.randperm(n, generator=generator).to(device)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            x = x_all.index_select(0, idx)
+            if augment is not None:
+                x = augment(x, int(torch.randint(0, 2**62, (1,), generator=generator)))
+            loss = student_loss(model(x), y_all.index_select(0, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    model.train(was_training)
+    return total / steps if steps else math.nan
 
 
 def train_on(images: torch.Tensor, labels: torch.Tensor, arch: str, data: ImageData, epochs: int, lr: float,
              seed: int, batch_size: int = 256, dsa: bool = True) -> torch.nn.Module:
-    """Train a fresh ``arch`` on (images, labels) -- labels int or soft-label logits."""
+    """Train a fresh ``arch`` on (images, labels) -- labels int or soft-label logits -- with SGD
+    (momentum 0.9, weight decay 5e-4) and a 10x lr decay after half the epochs (reference evaluation)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "eval-init"))
         net = get_model(arch, data.channels, data.num_classes, data.image_size)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     decay_at = epochs // 2 + 1
-    aug = DSA(siamese=False) if dsa else None
-    gen = torch_generator(seed, "eval-order")
-    targets = _targets(labels.detach())
-    images = images.detach()
-    net.train()
-    for ep in range(epochs):
+
+    def decay(ep: int) -> None:
         if ep == decay_at:
             for gr in opt.param_groups:
                 gr["lr"] *= 0.1
-        perm = torch.randperm(len(images), generator=gen)
-        for b, i in enumerate(range(0, len(images), batch_size)):
-            idx = perm[i : i + batch_size]
-            x = images[idx]
-            if aug is not None:
-                x = aug(x, derive_seed(seed, "eval-aug", ep, b))
-            loss = F.cross_entropy(net(x), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    fit_on_set(net, images, labels, opt, epochs=epochs, batch_size=batch_size,
+               augment=DSA(siamese=False) if dsa else None, generator=torch_generator(seed, "eval-order"),
+               on_epoch=decay)
     return net
 
 

@@ -59,8 +59,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distill import mtt
 from ..distill.augment import DSA, parse_strategy
+from ..distill.pixels import fit_on_set
 from ..models.functional import FlatModel
 from ..utils import FedLatentError, atomic_write, derive_seed, numpy_rng, torch_generator
 from .base import FLContext, Upload, register_method
@@ -385,30 +385,9 @@ def finetune_on_pseudo(model: nn.Module, pseudo: PseudoSet, *, epochs: int, lr: 
     Shuffles and augmentation seeds come from ``generator``. Returns the mean minibatch loss (nan
     when no step was taken).
     """
-    if epochs <= 0 or len(pseudo) == 0:
-        return math.nan
-    device = next(model.parameters()).device
-    x_all, y_all = pseudo.images.to(device), pseudo.label_logits.to(device)
-    n = x_all.shape[0]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    was_training = model.training
-    model.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x = x_all.index_select(0, idx)
-            if augment is not None:
-                x = augment(x, int(torch.randint(0, 2**62, (1,), generator=generator)))
-            loss = mtt.student_loss(model(x), y_all.index_select(0, idx))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    model.train(was_training)
-    return total / steps if steps else math.nan
+    return fit_on_set(model, pseudo.images, pseudo.label_logits, opt, epochs=epochs, batch_size=batch_size,
+                      augment=augment, generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from ..distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
 from ..distill.distiller import DistillConfig, Distiller, IterationLog
 from ..distill.mtt import MetaGrad, make_plan, trajectory_loss, validate_inputs
+from ..distill.pixels import fit_on_set
 from ..models.functional import FlatModel
 from ..utils import FedLatentError, atomic_write, derive_seed, sha256_file, torch_generator
 from .base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
@@ -378,30 +379,9 @@ def train_on_pool(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                   generator: torch.Generator) -> float:
     """Continue training ``model`` on the pooled distilled set: ``epochs`` shuffled passes of SGD with
     cross-entropy on DSA-augmented minibatches (reference ``epoch_global``). Returns the mean minibatch loss."""
-    if epochs <= 0 or len(images) == 0:
-        return math.nan
-    dev = next(model.parameters()).device
-    x_all, y_all = images.to(dev), labels.to(dev)
-    n = int(x_all.shape[0])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    was = model.training
-    model.train()
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(dev)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            x = x_all.index_select(0, idx)
-            if augment is not None:
-                x = augment(x, int(torch.randint(0, 2**62, (1,), generator=generator)))
-            loss = F.cross_entropy(model(x), y_all.index_select(0, idx))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    model.train(was)
-    return total / steps if steps else math.nan
+    return fit_on_set(model, images, labels, opt, epochs=epochs, batch_size=batch_size, augment=augment,
+                      generator=generator)
 
 
 def save_class_grid(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, clients: torch.Tensor | None,
