@@ -296,7 +296,7 @@ def test_pseudo_file_round_trip(tmp_path):
 
 
 def test_end_to_end_simulate_and_cli_write_the_artefacts(tmp_path, small):
-    from cli.simulate import simulate as simulate_cmd
+    from fedlatent.cli.simulate import simulate as simulate_cmd
     from fedlatent.fl import simulate
 
     res = simulate("dynafed", data=small, out=tmp_path / "run", progress=False, method_options=dict(FAST, synth_round=2),

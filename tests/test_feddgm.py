@@ -268,7 +268,7 @@ def test_clients_never_hold_the_generators_public_split(digits16):
 def test_cli_distill_export_eval(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from cli import main
+    from fedlatent.cli import main
     from fedlatent.export import load_distilled
 
     out, _ = tiny_run
