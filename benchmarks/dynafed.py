@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/dynafed.py` from a source checkout
@@ -52,7 +50,8 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/dynafed.py` fr
 from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
+from _common import run_cli, write_results  # noqa: E402
+from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
 
@@ -185,12 +184,7 @@ def main(argv=None) -> int:
                       + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
                          f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
                       flush=True)
-                write_json(out / "results.json", {
-                    "benchmark": "dynafed", "settings": settings, "results": results,
-                    "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-                    "total_wall_s": time.perf_counter() - t0,
-                })
+                write_results(out / "results.json", "dynafed", settings, results, t0)
     print()
     print(table(results))
     print(f"\nresults: {out / 'results.json'}  (total {time.perf_counter() - t0:.1f} s)")
@@ -198,8 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedLatentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

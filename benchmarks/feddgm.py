@@ -48,8 +48,8 @@ for p in (ROOT, ROOT / "benchmarks"):
 from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
+from _common import run_cli  # noqa: E402
 from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
-from fedlatent.utils import FedLatentError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -257,8 +257,4 @@ def print_tables(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedLatentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

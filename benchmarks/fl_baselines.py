@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,8 @@ if str(ROOT) not in sys.path:  # allow `python benchmarks/fl_baselines.py` from 
     sys.path.insert(0, str(ROOT))
 
 from fedlatent.data import ImageData, load_dataset  # noqa: E402
-from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
+from _common import run_cli, write_results  # noqa: E402
+from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
 
@@ -164,12 +164,7 @@ def main(argv=None) -> int:
                           + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
                              f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
                           flush=True)
-                    write_json(out / "results.json", {
-                        "benchmark": "fl_baselines", "settings": settings, "results": results,
-                        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                    "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-                        "total_wall_s": time.perf_counter() - t0,
-                    })
+                    write_results(out / "results.json", "fl_baselines", settings, results, t0)
     print()
     print(table(results))
     print(f"\nresults: {out / 'results.json'}  (total {time.perf_counter() - t0:.1f} s)")
@@ -177,8 +172,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedLatentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

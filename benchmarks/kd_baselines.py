@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/kd_baselines.py` from a source checkout
@@ -48,7 +46,8 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/kd_baselines.p
 from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
+from _common import run_cli, write_results  # noqa: E402
+from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
 
@@ -173,12 +172,7 @@ def main(argv=None) -> int:
                          + f"up {row['uplink_bytes'] / 1e6:.3f} MB down {row['downlink_bytes'] / 1e6:.3f} MB "
                          f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
                       flush=True)
-                write_json(out / "results.json", {
-                    "benchmark": "kd_baselines", "settings": settings, "results": results,
-                    "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-                    "total_wall_s": time.perf_counter() - t0,
-                })
+                write_results(out / "results.json", "kd_baselines", settings, results, t0)
     print()
     print(table(results))
     print(f"\nresults: {out / 'results.json'}  (total {time.perf_counter() - t0:.1f} s)")
@@ -186,8 +180,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedLatentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -69,7 +69,7 @@ def test_sample_segment_ranges_and_counts():
     for i in range(300):
         seg = sample_segment(12, 3, numpy_rng(0, "t", i), min_start=1, max_start=6, weight_averaging=True,
                              least_ave_num=2, max_ave_num=10)
-        assert 1 <= seg.start <= 6
+        assert seg.start >= 1 and seg.start <= 6
         assert 2 <= len(seg.targets) <= 3 and len(set(seg.targets)) == len(seg.targets)
         assert all(seg.start < t <= seg.start + 3 for t in seg.targets) and list(seg.targets) == sorted(seg.targets)
         starts.add(seg.start)
