@@ -31,3 +31,25 @@ def run_cli(main: Callable[[], int]) -> None:
     except FedLatentError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def plot_comparison(out: Path, results: list[dict], keys: tuple[str, ...]) -> list[Path]:
+    """One accuracy-vs-round PNG per configuration (rows grouped by ``keys``), every method's curve on it.
+
+    Reads each run's metrics.csv from its ``out_dir``; returns the written paths.
+    """
+    from fedlatent.fl.run import plot_curves, read_metrics
+
+    groups: dict[tuple, dict[str, list]] = {}
+    for row in results:
+        metrics = Path(row.get("out_dir", "")) / "metrics.csv"
+        if row.get("final_accuracy") is None or not metrics.is_file():
+            continue
+        groups.setdefault(tuple(row.get(k) for k in keys), {})[row["method"]] = read_metrics(metrics)
+    paths = []
+    for key, curves in groups.items():
+        name = "_".join(f"{k}{v}" for k, v in zip(keys, key))
+        path = out / f"compare_{name}.png"
+        plot_curves(curves, path, title=", ".join(f"{k}={v}" for k, v in zip(keys, key)))
+        paths.append(path)
+    return paths

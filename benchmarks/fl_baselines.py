@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # allow `python benchmarks/fl_baselines.py` from 
     sys.path.insert(0, str(ROOT))
 
 from fedlatent.data import ImageData, load_dataset  # noqa: E402
-from _common import run_cli, write_results  # noqa: E402
+from _common import plot_comparison, run_cli, write_results  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
@@ -167,6 +167,8 @@ def main(argv=None) -> int:
                     write_results(out / "results.json", "fl_baselines", settings, results, t0)
     print()
     print(table(results))
+    for path in plot_comparison(out, results, ("dataset", "clients", "alpha")):
+        print(f"plot: {path}")
     print(f"\nresults: {out / 'results.json'}  (total {time.perf_counter() - t0:.1f} s)")
     return 0
 

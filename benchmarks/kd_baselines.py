@@ -46,7 +46,7 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/kd_baselines.p
 from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from _common import run_cli, write_results  # noqa: E402
+from _common import plot_comparison, run_cli, write_results  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
@@ -175,6 +175,8 @@ def main(argv=None) -> int:
                 write_results(out / "results.json", "kd_baselines", settings, results, t0)
     print()
     print(table(results))
+    for path in plot_comparison(out, results, ("dataset", "alpha")):
+        print(f"plot: {path}")
     print(f"\nresults: {out / 'results.json'}  (total {time.perf_counter() - t0:.1f} s)")
     return 0
 
