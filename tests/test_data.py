@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -185,3 +186,24 @@ def test_shared_mnist_loads(shared_data_root):
     assert torch.bincount(d.y_train, minlength=10).min() > 5000
     # published MNIST statistics -> the training set normalises to mean 0, std 1
     assert abs(float(d.x_train.mean())) < 0.01 and abs(float(d.x_train.std()) - 1) < 0.01
+
+
+def test_atomic_write_replaces_whole_file_with_normal_permissions(tmp_path):
+    import stat
+
+    from fedlatent.utils import atomic_write, atomic_write_text
+
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+
+    def broken(p):
+        open(p, "w").write("half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"  # the previous file survives a crash
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
