@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..utils import FedLatentError, atomic_write
 
 GROUPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -133,8 +134,19 @@ class DSA:
 
     # -- applying --------------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, draw: AugDraw) -> torch.Tensor:
-        """Apply drawn parameters to ``x`` ([B, C, H, W]); differentiable w.r.t. ``x``."""
-        for grp in draw.groups:
+        """Apply drawn parameters to ``x`` ([B, C, H, W]); differentiable w.r.t. ``x``.
+
+        Dispatches through :func:`fedlatent.ops.dsa_augment` (fused CUDA kernel for CUDA tensors, else
+        :meth:`apply_reference`)."""
+        return ops.dsa_augment(x, draw, self)
+
+    def apply_reference(self, x: torch.Tensor, draw: AugDraw) -> torch.Tensor:
+        """The PyTorch reference of :meth:`apply`: every drawn group in turn."""
+        return self.apply_groups(x, draw, draw.groups)
+
+    def apply_groups(self, x: torch.Tensor, draw: AugDraw, groups: tuple[str, ...]) -> torch.Tensor:
+        """Apply the PyTorch reference of the given groups of ``draw``, in order."""
+        for grp in groups:
             x = _APPLY[grp](self, x, draw.values)
         return x
 

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .. import ops
 from ..models.functional import FlatModel
 from ..utils import FedLatentError, derive_seed, torch_generator
 from .kernels import AutogradKernel, ConvNetKernel, make_kernel, student_loss
@@ -84,8 +85,9 @@ def make_plan(num_images: int, syn_steps: int, batch_syn: int, seed: int, augmen
 
 
 def trajectory_loss(theta_end: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor) -> torch.Tensor:
-    """MTT eq. 2: ``||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2``."""
-    return (theta_end - theta_target).pow(2).sum() / (theta_start - theta_target).pow(2).sum()
+    """MTT eq. 2: ``||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2`` (:func:`fedlatent.ops.trajectory_loss`:
+    one fused pass on CUDA, this expression elsewhere)."""
+    return ops.trajectory_loss(theta_end, theta_start, theta_target)
 
 
 def student_step(model: FlatModel, theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
@@ -104,7 +106,7 @@ def student_step(model: FlatModel, theta: torch.Tensor, images: torch.Tensor, la
             theta = theta.detach().requires_grad_(True)
         loss = student_loss(model(theta, x), labels[step.indices])
         (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-    return theta - log_lr.exp() * g
+    return ops.sgd_step(theta, g, log_lr.exp())  # theta - lr * g
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,10 +280,10 @@ def _adjoint(kernel, theta_start, theta_target, images, labels, log_lr, plan, au
             loss_n, g, _ = kernel.forward(theta, xa, labels[st.indices], keep=False)
         _check_finite("student loss/gradient", loss_n, g)
         gs.append(g)
-        theta = theta - alpha * g
+        theta = ops.sgd_step(theta, g, alpha)  # theta - alpha * g
         thetas.append(theta)
-    loss = trajectory_loss(theta, theta_start, theta_target)
-    v = 2.0 * (theta - theta_target) / (theta_start - theta_target).pow(2).sum()
+    # loss and v_N = dL/dtheta_N = 2 (theta - theta_target) / ||theta_start - theta_target||^2
+    loss, v = ops.trajectory_loss_and_grad(theta, theta_start, theta_target)
     dX = torch.zeros_like(images)
     dY = torch.zeros_like(labels) if soft else None
     dlog = torch.zeros((), dtype=images.dtype, device=images.device)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..utils import FedLatentError, atomic_write
 from .base import LayeredGenerator
 
@@ -106,7 +107,7 @@ class EqualLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.linear(x, self.weight * self.weight_gain, self.bias * self.bias_gain)
-        return F.leaky_relu(x, 0.2) * math.sqrt(2) if self.activation else x
+        return ops.bias_act(x, None, alpha=0.2, gain=math.sqrt(2)) if self.activation else x  # lrelu * sqrt(2)
 
 
 class MappingNetwork(nn.Module):
@@ -198,10 +199,9 @@ class StyleLayer(nn.Module):
             else:
                 noise = self.noise_const.to(x.dtype)
             x = x + noise * self.noise_strength
-        x = x + self.bias.view(1, -1, 1, 1)
-        if self.activate:
-            x = F.leaky_relu(x, 0.2) * math.sqrt(2)
-        return x
+        if self.activate:  # leaky_relu(x + bias, 0.2) * sqrt(2), one fused kernel on CUDA
+            return ops.bias_act(x, self.bias, dim=1, alpha=0.2, gain=math.sqrt(2))
+        return x + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}, out={self.out_channels}, res={self.resolution}, k={self.kernel_size}, "
