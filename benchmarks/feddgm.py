@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-subsample", type=int, default=2000, help="test images used (0: all) [%(default)s]")
     p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE", help="FedDGM option (JSON value)")
     p.add_argument("--dynafed-iterations", type=int, default=100, help="DynaFed synthesis iterations [%(default)s]")
+    p.add_argument("--dynafed-ipc", type=int, default=10, help="DynaFed pseudo images per class [%(default)s]")
     p.add_argument("--eval-archs", type=_list(str), default=["convnet-d3", "resnet18", "vgg11"], help="[%(default)s]")
     p.add_argument("--eval-epochs", type=int, default=100, help="cross-architecture training epochs [%(default)s]")
     p.add_argument("--eval-seeds", type=_list(int), default=[0, 1], help="[%(default)s]")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
                         continue
                     sim = simulate("dynafed", dataset=name, data=data, out=run_dir, overwrite=a.overwrite, progress=False,
                                    method_options={"synth_round": synth, "iterations": a.dynafed_iterations,
-                                                   "ipc": 10 if a.preset == "paper" else 2, "progress": False},
+                                                   "ipc": a.dynafed_ipc, "progress": False},
                                    **{**common, "alpha": alpha})
                 else:
                     sim = simulate(method, dataset=name, data=data, out=run_dir, overwrite=a.overwrite, progress=False,
