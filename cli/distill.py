@@ -5,6 +5,7 @@ import json
 
 import click
 
+from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
 
@@ -75,14 +76,16 @@ def _parse_option(text: str) -> tuple[str, object]:
                    "set (its tiny kernels gain nothing from intra-op threads, and on a busy machine two threads were "
                    "measured 10x slower than one); PyTorch's default otherwise]")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click_options
 def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
             ipc, iterations, syn_steps, generator, space, surrogate, global_model, train_epochs, batched, seed, device,
-            out, overwrite, resume, checkpoint_every, options, threads, no_progress):
+            out, overwrite, resume, checkpoint_every, options, threads, no_progress, **backend_options):
     """Federated learning through server-side latent distillation (FedDGM).
 
     Clients train the global surrogate locally and upload start/end weights; the server distils each client's
     trajectory into synthetic images through a generator, pools them and trains the global model. Writes
     config.json, metrics.csv, accuracy.png, grid_round{r}.png, distilled.safetensors, report.md and checkpoints/.
+    With --backend ray the clients and (--looped) the per-client distillations run as parallel Ray tasks.
     """
     import os
 
@@ -109,15 +112,22 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
     for text in options:
         k, v = _parse_option(text)
         opts[k] = v
-    if resume is not None:
-        explicit = [k for k in opts] + (["out"] if out else [])
-        if explicit:
-            raise FedLatentError(f"--resume continues a run with its own options; drop {', '.join(sorted(explicit))}")
-        result = distill_federated(resume=resume, progress=not no_progress, checkpoint_every=checkpoint_every)
-    else:
-        result = distill_federated(dataset=dataset, data_root=data_root, preset=preset, out=out, overwrite=overwrite,
-                                   image_size=image_size, progress=not no_progress, checkpoint_every=checkpoint_every,
-                                   **opts)
+    backend = backend_from_cli(**backend_options)
+    try:
+        if resume is not None:
+            explicit = [k for k in opts] + (["out"] if out else [])
+            if explicit:
+                raise FedLatentError("--resume continues a run with its own options; drop "
+                                     f"{', '.join(sorted(explicit))}")
+            result = distill_federated(resume=resume, progress=not no_progress, checkpoint_every=checkpoint_every,
+                                       backend=backend or "serial")
+        else:
+            result = distill_federated(dataset=dataset, data_root=data_root, preset=preset, out=out,
+                                       overwrite=overwrite, image_size=image_size, progress=not no_progress,
+                                       checkpoint_every=checkpoint_every, backend=backend or "serial", **opts)
+    finally:
+        if backend is not None:
+            backend.close()
     click.echo(result.line())
 
 

@@ -7,6 +7,7 @@ import time
 import click
 
 from fedlatent.fl.base import FLConfig
+from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
 _D = FLConfig()  # option defaults come from the config dataclass, so the CLI and the API agree
@@ -91,9 +92,11 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Run folder to write. [default: runs/<method>-<dataset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click_options
 def simulate(method, dataset, data_root, image_size, clients, partition, alpha, min_size, classes_per_client, rounds,
              participation, local_epochs, lr, momentum, weight_decay, batch_size, mu, method_options, model,
-             client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet) -> None:
+             client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet,
+             **backend_options) -> None:
     """Simulate federated training of one method and write a run folder.
 
     The run folder gets config.json, metrics.csv (one row per round; round 0 = initial evaluation),
@@ -115,14 +118,19 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
     if out is None:
         safe = dataset.replace(":", "_").replace("/", "_")
         out = f"runs/{method}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run(
-        method=method, dataset=dataset, data_root=data_root, image_size=image_size, out=out, overwrite=overwrite,
-        method_options=opts, progress=not quiet, run_info={"command": "fedlatent simulate"},
-        clients=clients, partition=partition, alpha=alpha, min_size=min_size, classes_per_client=classes_per_client,
-        rounds=rounds, participation=participation, local_epochs=local_epochs, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, batch_size=batch_size, model=model, eval_every=eval_every, seed=seed, device=device,
-        client_models=client_models, public_fraction=public_fraction,
-    )
+    backend = backend_from_cli(**backend_options)
+    try:
+        result = run(
+            method=method, dataset=dataset, data_root=data_root, image_size=image_size, out=out, overwrite=overwrite,
+            method_options=opts, progress=not quiet, run_info={"command": "fedlatent simulate"},
+            clients=clients, partition=partition, alpha=alpha, min_size=min_size, classes_per_client=classes_per_client,
+            rounds=rounds, participation=participation, local_epochs=local_epochs, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, model=model, eval_every=eval_every, seed=seed,
+            device=device, client_models=client_models, public_fraction=public_fraction, backend=backend or "serial",
+        )
+    finally:
+        if backend is not None:
+            backend.close()
     click.echo(result.line())
 
 

@@ -312,6 +312,30 @@ class ClientRun:
     failure: str | None = None
 
 
+@dataclass
+class DistilledSet:
+    """One client's distilled set as the server pools it (rendered images on the CPU, float32) - also what a
+    parallel worker returns for :meth:`FedDGM.distill_client`. ``images`` is None when the work failed."""
+
+    run: ClientRun
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    ws: torch.Tensor | None = None
+    f_k: torch.Tensor | None = None
+
+
+def harvest(d: Distiller, run: ClientRun, pixel: bool) -> DistilledSet:
+    """Render a finished distiller's set (and, in a latent space, keep its w+ codes and f_k features)."""
+    syn = d.synthetic
+    x = syn.render().detach().float()
+    ws = f_k = None
+    if not pixel:
+        fw = syn.full_ws()
+        ws = None if fw is None else fw.detach().float().cpu()
+        f_k = None if syn.f is None else syn.f.detach().float().cpu()
+    return DistilledSet(run, x.cpu(), d.labels.detach().long().cpu(), ws, f_k)
+
+
 def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], iterations: int, *,
                     batched: bool, max_batch: int | None = None, device: str | torch.device = "cpu",
                     progress: bool = True, desc: str = "distil") -> tuple[list[ClientRun], int]:
@@ -499,6 +523,12 @@ class Pool:
         return Pool(c("images"), c("labels"), c("clients"), c("rounds"), c("ws"), c("f_k"))
 
 
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (NaN when there is none)."""
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
 def _int(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise FedLatentError(f"feddgm: {name} must be an integer >= {lo}, got {v!r}")
@@ -531,7 +561,13 @@ class FedDGM(Strategy):
     Execution: ``batched`` True | False | "auto" (CUDA only), ``max_batch`` (clients per batch cap),
     ``progress``, ``save_artifacts`` (grids and distilled.safetensors in the run folder), ``classes`` "all",
     ``dataset`` (its name: picks the default generator and goes into the export metadata).
+
+    ``distill_map`` (not an option; set by :meth:`fedlatent.parallel.RayBackend.attach`): a client runner
+    ``(fn, jobs) -> [fn(*job) ...]``; when set, the looped per-client distillation runs through it, one
+    :meth:`distill_client` job per client (the batched path ignores it).
     """
+
+    distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
 
     def __init__(self, generator: str | None = None, space: str | None = None, ipc: int = 10, iterations: int = 100,
                  syn_steps: int = 20, lr_img: float = 1000.0, lr_w: float = 1.0, lr_lr: float = 1e-5,
@@ -726,30 +762,29 @@ class FedDGM(Strategy):
             log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
             return extra
         t0 = time.perf_counter()
-        distillers = self.make_distillers(rnd, good)
         use_batch = self._use_batched() and self.mtt_mode == "exact"
-        runs, bsz = distill_clients(distillers, [u.client_id for u in good], self.iterations, batched=use_batch,
-                                    max_batch=self.max_batch, device=ctx.device, progress=self.progress,
-                                    desc=f"feddgm round {rnd}")
-        t_distill = time.perf_counter() - t0
+        if self.distill_map is not None and not use_batch:
+            sets, bsz = self._distill_mapped(rnd, good), 1
+            t_distill = time.perf_counter() - t0
+        else:
+            distillers = self.make_distillers(rnd, good)
+            runs, bsz = distill_clients(distillers, [u.client_id for u in good], self.iterations, batched=use_batch,
+                                        max_batch=self.max_batch, device=ctx.device, progress=self.progress,
+                                        desc=f"feddgm round {rnd}")
+            t_distill = time.perf_counter() - t0
+            sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
+        runs = [st.run for st in sets]
         parts = []
         dropped = 0
-        for d, u, r in zip(distillers, good, runs):
-            syn = d.synthetic
-            x = syn.render().detach().float()
-            if not torch.isfinite(x).all():
-                log.warning("round %d: client %d's distilled images are not finite (%s); its set is dropped",
-                            rnd, u.client_id, r.failure)
+        for u, st in zip(good, sets):
+            if st.images is None or not torch.isfinite(st.images).all():
+                log.warning("round %d: client %d's distilled images are %s (%s); its set is dropped",
+                            rnd, u.client_id, "missing" if st.images is None else "not finite", st.run.failure)
                 dropped += 1
                 continue
-            n = x.shape[0]
-            ws = f_k = None
-            if not self._pixel:
-                fw = syn.full_ws()
-                ws = None if fw is None else fw.detach().float().cpu()
-                f_k = None if syn.f is None else syn.f.detach().float().cpu()
-            parts.append(Pool(x.cpu(), d.labels.detach().long().cpu(), torch.full((n,), u.client_id, dtype=torch.long),
-                              torch.full((n,), rnd, dtype=torch.long), ws, f_k))
+            n = st.images.shape[0]
+            parts.append(Pool(st.images, st.labels, torch.full((n,), u.client_id, dtype=torch.long),
+                              torch.full((n,), rnd, dtype=torch.long), st.ws, st.f_k))
         extra["distill_dropped"] = float(dropped)
         if not parts:
             log.warning("round %d: every distilled set diverged; the global state is unchanged", rnd)
@@ -779,7 +814,7 @@ class FedDGM(Strategy):
         extra.update({
             "distill_loss": float(np.mean(final_losses)) if final_losses else math.nan,
             "distill_loss_first": float(np.mean(first_losses)) if first_losses else math.nan,
-            "syn_lr": float(np.mean([r.lr for r in runs])), "distill_failed": float(len(failures)),
+            "syn_lr": _finite_mean([r.lr for r in runs]), "distill_failed": float(len(failures)),
             "pool_size": float(len(self.pool.images)), "server_train_loss": train_loss["global"],
             "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz),
         })
@@ -788,6 +823,26 @@ class FedDGM(Strategy):
         if self.save_artifacts and getattr(ctx, "run_dir", None):
             self.save_round(ctx.run_dir, rnd)
         return extra
+
+    def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
+        """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
+        seeds and iterations as the loop over all clients, so the same numbers."""
+        d = self.make_distillers(rnd, [upload])[0]
+        runs, _ = distill_clients([d], [upload.client_id], self.iterations, batched=False, progress=False)
+        return harvest(d, runs[0], self._pixel)
+
+    def _distill_mapped(self, rnd: int, good: Sequence[Upload]) -> list[DistilledSet]:
+        """Every client's :meth:`distill_client` through :attr:`distill_map`; a job the runner reports as failed
+        (a :class:`fedlatent.fl.simulation.ClientFailure`) becomes a set without images (dropped, logged)."""
+        out = []
+        for u, res in zip(good, self.distill_map(self.distill_client, [(rnd, u) for u in good])):
+            if isinstance(res, DistilledSet):
+                out.append(res)
+            else:
+                err = getattr(res, "error", repr(res))
+                log.warning("round %d: the distillation job of client %d failed: %s", rnd, u.client_id, err)
+                out.append(DistilledSet(ClientRun(u.client_id, failure=f"job failed: {err}"), None, None))
+        return out
 
     # -- artefacts -------------------------------------------------------------------------------------
     def export_metadata(self) -> dict[str, Any]:
@@ -943,7 +998,8 @@ def private_training_data(data, generator: str | None):
 def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | None = None, preset: str = "cpu",
                       out: str | os.PathLike | None = None, overwrite: bool = False, resume: str | os.PathLike | None = None,
                       image_size: int | None = None, progress: bool = True, checkpoint_every: int = 1,
-                      data=None, exclude_public: bool = True, **options: Any):
+                      data=None, exclude_public: bool = True, backend: Any = "serial", ray_address: str | None = None,
+                      **options: Any):
     """Run FedDGM end to end and write a run folder; the API behind ``fedlatent distill``.
 
     ``preset`` ("cpu" | "paper", see :data:`PRESETS`) gives the defaults; ``options`` override them with any
@@ -952,8 +1008,24 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
     split is removed from the training set (:func:`private_training_data`; ``exclude_public=False`` when the
     caller passes ``data`` it has already restricted). ``resume=RUN_DIR`` continues a
     killed run from its last checkpoint with the options recorded in its config.json (then ``out`` and the
-    options must be left out). Returns a :class:`DistillResult`.
+    options must be left out). ``backend`` / ``ray_address``: where the clients and the looped per-client
+    distillation run ("serial", "ray" or a :class:`fedlatent.parallel.RayBackend`, as in
+    :func:`fedlatent.fl.simulation.simulate`; results are the same). Returns a :class:`DistillResult`.
     """
+    from ..parallel import make_backend
+
+    runner = make_backend(backend, ray_address)
+    try:
+        return _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress,
+                                  checkpoint_every, data, exclude_public, runner, options)
+    finally:
+        if runner is not None and runner is not backend:
+            runner.close()
+
+
+def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress, checkpoint_every,
+                       data, exclude_public, runner, options):
+    """The body of :func:`distill_federated` (``runner``: None or a started-on-demand RayBackend)."""
     from ..data import load_dataset
     from .checkpoint import has_checkpoint, load_checkpoint, make_checkpoint_fn, resume_state
     from .run import RunFolder, read_metrics
@@ -1023,9 +1095,13 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
               "image_size": image_size, "checkpoint_every": checkpoint_every, "config": cfg.to_dict(),
               "method_options": {k: v for k, v in meth_opts.items() if k != "progress"}, "data_check": data_check}
     run_info = {"distill": record, "generator_public_split": excluded}
+    if runner is not None:
+        run_info["backend"] = runner.describe()
+        runner.attach(strategy)
     ckpt_fn = make_checkpoint_fn(out, every=checkpoint_every) if out is not None else None
     sim = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=run_info, progress=progress,
-                         checkpoint_fn=ckpt_fn, resume=resume_arg)
+                         checkpoint_fn=ckpt_fn, resume=resume_arg,
+                         client_map=runner.client_map if runner is not None else None)
     report = distilled = None
     if out is not None:
         out = Path(out)
@@ -1100,6 +1176,6 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
 
 
 __all__ = ["FedDGM", "Pool", "PRESETS", "DistillResult", "distill_federated", "batched_meta_gradient", "batched_step",
-           "apply_meta_gradient", "distill_clients", "client_bytes", "available_bytes", "choose_batch", "train_on_pool",
+           "apply_meta_gradient", "distill_clients", "DistilledSet", "harvest", "client_bytes", "available_bytes", "choose_batch", "train_on_pool",
            "save_class_grid", "private_training_data", "default_generator", "default_space", "generator_identity",
            "write_report"]

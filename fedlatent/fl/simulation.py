@@ -44,6 +44,16 @@ ClientMap = Callable[[Callable[..., Upload], Iterable[tuple]], list]
 PLOT_INTERVAL_S = 10.0  # accuracy.png is refreshed at most this often during a run (and at the end)
 
 
+@dataclass
+class ClientFailure:
+    """What a parallel client runner (``client_map``) returns for a client whose work failed for good
+    (e.g. after its retries on Ray): the engine logs and records it and goes on without that client."""
+
+    client_id: int | None
+    error: str
+    attempts: int = 1
+
+
 def clients_per_round(num_clients: int, participation: float) -> int:
     """max(1, round(C * K)): the number of clients sampled per round (round half up)."""
     return max(1, min(num_clients, int(math.floor(participation * num_clients + 0.5))))
@@ -89,6 +99,7 @@ class SimulationResult:
     out_dir: Path | None = None
     strategy: Strategy | None = None
     final_by_model: dict[str, float] = field(default_factory=dict)  # accuracy_<name> of the last evaluation
+    failures: list[dict[str, Any]] = field(default_factory=list)  # clients whose work failed (parallel runners)
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -96,6 +107,7 @@ class SimulationResult:
             "best_round": self.best_round, "rounds": self.rounds, "wall_s": self.wall_s,
             "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes, "rejected": self.rejected,
             "rejections": self.rejections[:1000], "out_dir": str(self.out_dir) if self.out_dir else None,
+            "failed": len(self.failures), "failures": self.failures[:1000],
         }
         if self.final_by_model:
             out["final_accuracy_per_model"] = dict(self.final_by_model)
@@ -121,7 +133,7 @@ def _upload_bytes(upload: object) -> int:
     return 0
 
 
-def _evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+def evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Evaluate ``strategy.eval_model()``: one model, or a dict name -> model or list of models.
 
     For a dict, ``accuracy_<name>`` / ``loss_<name>`` are written per entry (the mean over the entry's
@@ -152,6 +164,22 @@ def _strategy_overrides(strategy: Strategy, hook: str) -> bool:
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)
 
 
+def split_clients(labels: np.ndarray, cfg: FLConfig) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(public_idx, private_idx, parts)``: the training-set indices of the public split and of every client.
+
+    The public split (``cfg.public_fraction``, if any) is drawn first; the clients' partition
+    (``cfg.partition`` seeded by ``cfg.seed``) only sees the private part. Every backend (in-process, Ray,
+    a Flower ClientApp carving its own share) calls this, so all of them give each client the same data.
+    """
+    labels = np.asarray(labels)
+    public_idx, private_idx = public_private_split(labels, cfg.public_fraction, cfg.seed)
+    parts = partition(labels[private_idx], cfg.partition, cfg.clients, cfg.seed, alpha=cfg.alpha,
+                      min_size=cfg.min_size, classes_per_client=cfg.classes_per_client)
+    if len(public_idx):
+        parts = [private_idx[p] for p in parts]
+    return public_idx, private_idx, parts
+
+
 def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_dir: str | os.PathLike | None = None,
                    overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
                    progress: bool = True, client_map: ClientMap | None = None,
@@ -164,7 +192,10 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     ``client_map(fn, jobs)`` runs the round's clients: it must return ``[fn(*args) for args in jobs]``
     in order (``args = (ctx, rnd, client_id, payload, data)``; for a strategy's optional
     ``client_init``, run once before round 1, ``args = (ctx, client_id, data)``); the default is
-    :func:`sequential_map`, a parallel back end (e.g. Ray) passes its own.
+    :func:`sequential_map`, a parallel back end (e.g. :class:`fedlatent.parallel.RayBackend`) passes its own.
+    A parallel runner may return a :class:`ClientFailure` in place of a client's result: that client is
+    logged, recorded (``failed`` column, ``SimulationResult.failures``) and left out of the round; when no
+    client of a round returned, FedLatentError is raised (a failed ``client_init`` is always fatal).
 
     Checkpoint/resume (:mod:`fedlatent.fl.checkpoint`): ``checkpoint_fn(rnd, strategy, engine_state)`` is
     called after every recorded round (``engine_state``: history, rejections, totals, wall_s, final);
@@ -182,12 +213,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         raise FedLatentError(f"method {strategy.name!r} needs one architecture for all clients; "
                              "--client-models is for heterogeneous methods such as feddf and fedmd (use --model)")
     labels = data.y_train.cpu().numpy()
-    # The public split (if any) is drawn first; the clients' partition only sees the private part.
-    public_idx, private_idx = public_private_split(labels, cfg.public_fraction, cfg.seed)
-    parts = partition(labels[private_idx], cfg.partition, cfg.clients, cfg.seed, alpha=cfg.alpha,
-                      min_size=cfg.min_size, classes_per_client=cfg.classes_per_client)
-    if len(public_idx):
-        parts = [private_idx[p] for p in parts]
+    public_idx, private_idx, parts = split_clients(labels, cfg)
     counts = label_counts(labels, parts, data.num_classes)
     schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
 
@@ -237,16 +263,20 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         jobs = tqdm(init_jobs(), total=cfg.clients, desc=f"{strategy.name} client init", disable=not progress,
                     dynamic_ncols=True, leave=False)
         for cid, state in enumerate((client_map or sequential_map)(strategy.client_init, jobs)):
+            if isinstance(state, ClientFailure):
+                raise FedLatentError(f"client_init of client {cid} failed ({state.attempts} attempt(s)): {state.error}")
             if state is not None:
                 strategy.keep_client_state(cid, state)
     history: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     totals = {"up": 0, "down": 0, "rejected": 0}
     start_round = 1
     if resume is not None:  # continue a checkpointed run (fedlatent.fl.checkpoint)
         strategy.load_state_dict(resume["strategy"])
         start_round = int(resume["round"]) + 1
         rejections = list(resume.get("rejections", []))
+        failures = list(resume.get("failures", []))
         totals.update(resume.get("totals", {}))
         t_start -= float(resume.get("wall_s", 0.0))
     last_plot = -math.inf
@@ -261,8 +291,8 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 last_plot = time.perf_counter()
 
     if resume is None:
-        row0 = {"round": 0, **_evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
-                "accepted": 0, "rejected": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
+        row0 = {"round": 0, **evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
+                "accepted": 0, "rejected": 0, "failed": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
                 "wall_s": time.perf_counter() - t_start}
         record(row0, final=cfg.rounds == 0)
     else:  # the rounds already done, as checkpointed
@@ -285,15 +315,28 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                                                          state=strategy.client_state(cid))
 
         uploads = list((client_map or sequential_map)(strategy.client_update, jobs()))
-        for cid, u in zip(selected, uploads):  # local state stays with its client, accepted or not
+        failed = [(cid, u) for cid, u in zip(selected, uploads) if isinstance(u, ClientFailure)]
+        returned = selected
+        if failed:
+            for cid, f in failed:
+                log.warning("round %d: client %d failed after %d attempt(s) (%s); the round goes on without it",
+                            rnd, cid, f.attempts, f.error)
+            failures.extend({"round": rnd, "client": cid, "attempts": f.attempts, "error": f.error}
+                            for cid, f in failed)
+            if len(failed) == len(selected):
+                raise FedLatentError(f"round {rnd}: no client returned ({len(failed)} failed; first error: "
+                                     f"{failed[0][1].error})")
+            ok = [(cid, u) for cid, u in zip(selected, uploads) if not isinstance(u, ClientFailure)]
+            returned, uploads = [c for c, _ in ok], [u for _, u in ok]
+        for cid, u in zip(returned, uploads):  # local state stays with its client, accepted or not
             if isinstance(u, Upload) and u.client_id == cid and u.state is not None:
                 strategy.keep_client_state(cid, u.state)
         down = sum(tensor_bytes(p) for p in references.values())
         up = sum(_upload_bytes(u) for u in uploads)
         accepted, rejected = validate_uploads(
-            uploads, selected, strategy.expected_upload, references=references, client_sizes=ctx.client_sizes,
+            uploads, returned, strategy.expected_upload, references=references, client_sizes=ctx.client_sizes,
             norm_factor=cfg.norm_factor, norm_cap=cfg.norm_cap, rnd=rnd)
-        del references, uploads
+        references = uploads = None  # free the round's tensors before evaluation
         rejections.extend({"round": rnd, "client": r.client_id, "reason": r.reason} for r in rejected)
         extra: dict[str, Any] = {}
         if accepted:
@@ -304,18 +347,20 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
         train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
         final = rnd == cfg.rounds
-        ev = _evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size) if final or rnd % cfg.eval_every == 0 else {}
+        ev = evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size) if final or rnd % cfg.eval_every == 0 else {}
         totals["up"] += up
         totals["down"] += down
         totals["rejected"] += len(rejected)
         row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": len(selected),
                "client_ids": " ".join(map(str, selected)), "accepted": len(accepted), "rejected": len(rejected),
+               "failed": len(failed),
                "train_loss": train_loss, "uplink_bytes": up, "downlink_bytes": down,
                "round_s": time.perf_counter() - t_round, "wall_s": time.perf_counter() - t_start,
                **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **extra}
         record(row, final)
         if checkpoint_fn is not None:
-            checkpoint_fn(rnd, strategy, {"history": history, "rejections": rejections, "totals": dict(totals),
+            checkpoint_fn(rnd, strategy, {"history": history, "rejections": rejections, "failures": failures,
+                                          "totals": dict(totals),
                                           "wall_s": time.perf_counter() - t_start, "final": final})
         if ev:
             bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=totals["rejected"])
@@ -331,6 +376,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         rounds=cfg.rounds, wall_s=time.perf_counter() - t_start, uplink_bytes=totals["up"],
         downlink_bytes=totals["down"], rejected=totals["rejected"], rejections=rejections,
         out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=final_by_model,
+        failures=failures,
     )
     if run is not None:
         summary = result.summary()
@@ -346,13 +392,16 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              image_size: int | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
              method_options: Mapping[str, Any] | None = None, progress: bool = True,
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
-             client_map: ClientMap | None = None, **config: Any) -> SimulationResult:
+             client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
+             **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
     the method's constructor arguments (e.g. ``{"mu": 0.01}`` for FedProx). ``image_size`` resizes the
     images (``digits`` defaults to 16 px). Pass ``data`` to reuse an already loaded dataset, and
-    ``client_map`` to run clients elsewhere (see :func:`run_simulation`).
+    ``client_map`` to run clients elsewhere (see :func:`run_simulation`). ``backend``: "serial" (in this
+    process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
+    stopped for this run) or a :class:`fedlatent.parallel.RayBackend` (its settings; the caller closes it).
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -361,6 +410,11 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     cfg = FLConfig(**config).check()
     if out is not None:
         RunFolder.check(out, overwrite)
+    from ..parallel import make_backend
+
+    runner = make_backend(backend, ray_address)
+    if runner is not None and client_map is not None:
+        raise FedLatentError("pass either client_map or backend, not both")
     cls = get_method(method)
     try:
         strategy = cls(**dict(method_options or {}))
@@ -371,9 +425,16 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
             image_size = 16
         data = load_dataset(dataset, root=data_root, resize=image_size)
     info = {"dataset_name": dataset, "image_size_requested": image_size}
+    if runner is not None:
+        info["backend"] = runner.describe()
+        runner.attach(strategy)
     info.update(run_info or {})
-    return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info, progress=progress,
-                          client_map=client_map)
+    try:
+        return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
+                              progress=progress, client_map=runner.client_map if runner is not None else client_map)
+    finally:
+        if runner is not None and runner is not backend:
+            runner.close()
 
 
-__all__ = ["sequential_map", "clients_per_round", "client_schedule", "resolve_device", "SimulationResult", "run_simulation", "simulate"]
+__all__ = ["ClientFailure", "split_clients", "evaluate_all", "sequential_map", "clients_per_round", "client_schedule", "resolve_device", "SimulationResult", "run_simulation", "simulate"]
