@@ -35,13 +35,11 @@ Smoke run (a minute)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,23 +48,10 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from _common import machine_info, run_cli, write_results  # noqa: E402
+from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 from fedlatent.data import ImageData, load_dataset  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
-from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
-    return parse
-
-
-def default_data_root() -> str:
-    env = os.environ.get("FEDLATENT_DATA")
-    return env or str(ROOT.parent / "shared" / "data")
+from fedlatent.utils import FedLatentError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,22 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "scale"), help="[%(default)s]")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
-
-
-def subsample(data: ImageData, n_train: int, n_test: int, seed: int) -> ImageData:
-    """A seeded random subset (the same for every row)."""
-    def pick(n_all: int, n: int, key: str):
-        if n <= 0 or n >= n_all:
-            return None
-        return torch.from_numpy(np.sort(numpy_rng(seed, "scale", key).choice(n_all, size=n, replace=False)))
-
-    tr, te = pick(len(data.y_train), n_train, "train"), pick(len(data.y_test), n_test, "test")
-    return dataclasses.replace(
-        data,
-        x_train=data.x_train if tr is None else data.x_train.index_select(0, tr).contiguous(),
-        y_train=data.y_train if tr is None else data.y_train.index_select(0, tr),
-        x_test=data.x_test if te is None else data.x_test.index_select(0, te).contiguous(),
-        y_test=data.y_test if te is None else data.y_test.index_select(0, te))
 
 
 def feddgm_round(args, data: ImageData, clients: int, backend="serial"):
