@@ -22,7 +22,27 @@ FEDDGM = dict(generator="digits", space="F2", surrogate="convnet:width=8", ipc=1
               train_epochs=1)
 DYNAFED = dict(synth_round=2, ipc=1, iterations=2, syn_steps=2, expert_epochs=1, finetune_epochs=1, finetune_batch=8)
 COMMON = dict(participation=0.5, local_epochs=1, batch_size=64, model="convnet:width=8")
-RAY = dict(ray_cpus=2, client_cpus=1, object_store_mb=128)  # a loaded 2-core machine: two actors, small store
+# A loaded 2-core machine: two actors, a small store; timeout: a stuck client or round fails the run after 5 min
+# instead of hanging CI (it also bounds the wait for the SuperNodes).
+RAY = dict(ray_cpus=2, client_cpus=1, object_store_mb=128, timeout=300.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bit-identical comparisons with the Ray actors need this process on the actors' thread count (1: Ray gives
+    a 1-CPU actor OMP_NUM_THREADS=1, and here it inherits it from os.environ): the summation order of some
+    CPU kernels depends on it. Restored afterwards."""
+    import torch
+
+    old, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(old)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 def test_missing_flower_is_a_clear_error(monkeypatch):
@@ -85,7 +105,7 @@ def test_the_example_app_is_valid_and_its_run_config_parses():
 
     from flwr.common.config import flatten_dict, validate_fields_in_config
 
-    from fedlatent.flower.spec import spec_from_run_config
+    from fedlatent.flower.spec import SERVER_KEYS, SPEC_KEYS, spec_from_run_config
 
     conf = tomllib.loads((REPO / "examples" / "flower" / "pyproject.toml").read_text())
     ok, errors, _ = validate_fields_in_config(conf)
@@ -100,6 +120,12 @@ def test_the_example_app_is_valid_and_its_run_config_parses():
     assert "synth_round" not in spec.method_options  # the dynafed table is not used for feddgm
     assert spec.exclude_generator == "digits"  # FedDGM clients never hold the generator's public split
     assert server["out-dir"] is None and server["overwrite"] is False  # "" stands for None
+    # every key spec.py documents is listed, so each one can be overridden with --run-config
+    missing = (set(SERVER_KEYS) | set(SPEC_KEYS)) - set(run_config)
+    assert not missing, sorted(missing)
+    assert server == {"out-dir": None, "overwrite": False, "timeout": 3600.0, "wait-nodes": 300.0, "progress": False}
+    _, server = spec_from_run_config({**run_config, "timeout": 60.0, "progress": True})
+    assert server["timeout"] == 60.0 and server["progress"] is True
     dyn, _ = spec_from_run_config({**run_config, "method": "dynafed"})  # only the selected method's table is used
     assert dyn.method_options == {"synth_round": 3, "ipc": 2, "iterations": 50, "syn_steps": 5, "expert_epochs": 2,
                                   "finetune_epochs": 4} and dyn.exclude_generator is None
@@ -175,6 +201,40 @@ def test_strategy_on_a_local_grid_equals_the_engine(task_identity):
 
 
 @needs_flower
+def test_a_users_evaluate_fn_is_merged_into_the_history(task_identity):
+    """Flower's evaluate_fn does not replace the bookkeeping: every round is still recorded (result() works),
+    the user's metrics join the rows (its accuracy replaces fedlatent's) and Flower's own result."""
+    from flwr.app import MetricRecord
+
+    from fedlatent.flower.spec import load_data, make_spec
+    from fedlatent.flower.strategy import FedLatentStrategy
+
+    seen = []
+
+    def my_eval(rnd, arrays):
+        seen.append((rnd, len(arrays)))
+        return MetricRecord({"my_score": 10.0 + rnd, "accuracy": 0.5 + rnd / 10, "per_class": [1.0, 2.0]})
+
+    spec = make_spec("fedavg", config=SMALL)
+    s = FedLatentStrategy(spec, load_data(spec))
+    s.start(LocalGrid(3), evaluate_fn=my_eval)
+    res = s.result()
+    n_arrays = len(s.initial_arrays())
+    assert seen == [(0, n_arrays), (1, n_arrays), (2, n_arrays)] and n_arrays > 0
+    assert [r["round"] for r in res.history] == [0, 1, 2]
+    for r in res.history:
+        assert r["my_score"] == 10.0 + r["round"] and r["accuracy"] == 0.5 + r["round"] / 10
+        assert math.isfinite(r["loss"]) and "per_class" not in r  # fedlatent's loss is kept; lists go to Flower only
+    assert res.final_accuracy == pytest.approx(0.7) and res.history[2]["accepted"] == 3
+    flower_eval = s.flower_result.evaluate_metrics_serverapp[2]
+    assert flower_eval["my_score"] == 12.0 and "loss" in flower_eval and list(flower_eval["per_class"]) == [1.0, 2.0]
+
+    s = FedLatentStrategy(spec, load_data(spec))
+    with pytest.raises(FedLatentError, match="history's own columns"):
+        s.start(LocalGrid(3), evaluate_fn=lambda rnd, arrays: MetricRecord({"round": 1.0}))
+
+
+@needs_flower
 def test_failing_and_forged_clients_are_left_out(task_identity):
     from flwr.app import Message
 
@@ -224,12 +284,22 @@ def test_the_cohort_is_checked_before_round_one(task_identity, grid_kw, match):
 
 # -- real Flower simulations (Ray) -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def feddgm_runs(tmp_path_factory):
+def feddgm_runs(tmp_path_factory, one_thread):
     from fedlatent.fl.simulation import simulate
     from fedlatent.flower import run_simulation
 
     out = tmp_path_factory.mktemp("flower") / "feddgm"
-    fl = run_simulation("feddgm", num_clients=4, rounds=2, seed=3, out=out, method_options=FEDDGM, **COMMON, **RAY)
+    # a cluster address in the environment must not be joined: run_simulation starts its own local Ray
+    # (without address="local", ray.init would try this address and refuse num_cpus)
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:9"
+    try:
+        fl = run_simulation("feddgm", num_clients=4, rounds=2, seed=3, out=out, method_options=FEDDGM, **COMMON, **RAY)
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
     eng = simulate("feddgm", clients=4, rounds=2, seed=3, progress=False, method_options=dict(FEDDGM, progress=False),
                    **COMMON)
     return fl, eng, out

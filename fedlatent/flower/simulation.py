@@ -47,8 +47,11 @@ def run_simulation(method: str = "fedavg", num_clients: int = 4, rounds: int = 2
     (config.json, metrics.csv, accuracy.png, summary.json, the method's artefacts and its distilled set).
 
     Ray: each virtual client reserves ``client_cpus`` CPUs (and ``client_gpus`` GPUs); Ray gets ``ray_cpus`` CPUs
-    in all (default: every CPU) and an object store of ``object_store_mb`` MiB (None: Ray's default). An
-    already running Ray instance is reused, and Flower shuts Ray down at the end.
+    in all (default: every CPU) and an object store of ``object_store_mb`` MiB (None: Ray's default). Ray
+    already initialised in this process is reused; otherwise a new local instance is started - never a cluster
+    named by ``RAY_ADDRESS`` or a running ``ray start`` (``ray.init(address="local")``) - and Flower shuts it
+    down at the end. ``timeout``: seconds the ServerApp waits for the SuperNodes and for each round's replies
+    (a stuck client makes the run fail instead of hanging).
 
     Returns a :class:`~fedlatent.flower.strategy.FlowerSimulationResult` (``history``, ``final_accuracy``, the
     server-side ``strategy`` with e.g. FedDGM's ``pool``, ``nodes``, ``distilled``).
@@ -86,7 +89,9 @@ def run_simulation(method: str = "fedavg", num_clients: int = 4, rounds: int = 2
     sink: dict[str, Any] = {}
     server_app = make_server_app(spec, sink, out=None if out is None else Path(out), overwrite=overwrite,
                                  timeout=float(timeout), wait_nodes=float(timeout), progress=progress)
-    init_args: dict[str, Any] = {"num_cpus": int(ray_cpus or os.cpu_count() or 1),
+    # address="local": without it ray.init() joins the cluster in RAY_ADDRESS or /tmp/ray/ray_current_cluster
+    # (and then refuses num_cpus); flwr passes init_args to ray.init as they are.
+    init_args: dict[str, Any] = {"address": "local", "num_cpus": int(ray_cpus or os.cpu_count() or 1),
                                  "logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": bool(verbose)}
     if object_store_mb is not None:
         init_args["object_store_memory"] = int(object_store_mb) * 1024 * 1024

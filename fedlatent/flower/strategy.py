@@ -17,7 +17,10 @@ drives it the way :func:`fedlatent.fl.simulation.run_simulation` does, with Flow
   calls ``strategy.aggregate`` - for FedDGM / DynaFed that is where the server-side distillation runs. It
   returns the global model as an ArrayRecord and the round's scalar metrics.
 * **Evaluation** is centralised: ``evaluate_fn`` evaluates ``strategy.eval_model()`` on the test set at round 0,
-  every ``eval_every`` rounds and at the last round. No federated evaluation messages are sent.
+  every ``eval_every`` rounds and at the last round. No federated evaluation messages are sent. A user's own
+  ``evaluate_fn`` (``start(..., evaluate_fn=...)``) runs after it every round, as in Flower; its metrics are
+  added to the round's history row and to Flower's result (a metric of the same name, e.g. ``accuracy``,
+  replaces fedlatent's).
 
 :attr:`FedLatentStrategy.history` holds the same rows as the engine's ``metrics.csv`` (round, accuracy, loss,
 clients, client_ids, accepted, rejected, train_loss, uplink/downlink bytes, timings and the method's extras);
@@ -129,7 +132,11 @@ class FedLatentStrategy(FlowerStrategy):
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Connect to the cohort, then Flower's round loop; defaults: the run's rounds and central evaluation."""
+        """Connect to the cohort, then Flower's round loop; defaults: the run's rounds and central evaluation.
+
+        ``evaluate_fn`` (Flower's signature, called at round 0 and after every round with the global arrays) does
+        not replace the bookkeeping: fedlatent's central evaluation still records the history, and the metrics
+        the function returns are merged into each row (see :meth:`evaluate`)."""
         if num_rounds is not None and num_rounds != self.cfg.rounds:
             raise FedLatentError(f"num_rounds {num_rounds} != the run's rounds {self.cfg.rounds} (set `rounds`)")
         t0 = time.perf_counter()
@@ -140,7 +147,8 @@ class FedLatentStrategy(FlowerStrategy):
             self._write_config()
         res = super().start(grid, self.initial_arrays() if initial_arrays is None else initial_arrays,
                             num_rounds=self.cfg.rounds, timeout=timeout, train_config=train_config,
-                            evaluate_config=evaluate_config, evaluate_fn=evaluate_fn or self.evaluate)
+                            evaluate_config=evaluate_config,
+                            evaluate_fn=lambda rnd, arrays: self.evaluate(rnd, arrays, user_fn=evaluate_fn))
         self.flower_result = res
         return res
 
@@ -273,21 +281,28 @@ class FedLatentStrategy(FlowerStrategy):
         return None
 
     # -- central evaluation and the history --------------------------------------------------------------
-    def evaluate(self, server_round: int, arrays: ArrayRecord | None = None) -> MetricRecord | None:
+    def evaluate(self, server_round: int, arrays: ArrayRecord | None = None,
+                 user_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: evaluate the global model (round 0, every ``eval_every``, the last round)
-        and record the round's row; the arrays are ignored (the strategy holds the model)."""
+        and record the round's row; the arrays are ignored (the strategy holds the model).
+
+        ``user_fn``: a user's ``evaluate_fn``, called every round with ``arrays``; its scalar metrics are
+        merged into the row (over fedlatent's, e.g. its ``accuracy``) and the returned record. Names of the
+        row's bookkeeping columns (round, clients, accepted, uplink_bytes, ...) raise :class:`FedLatentError`."""
         rnd = int(server_round)
         now = time.perf_counter()
         if rnd == 0:
             ev = evaluate_all(self.strategy, self.x_test, self.y_test, self.cfg.eval_batch_size)
+            ev, record = self._with_user_metrics(ev, user_fn, rnd, arrays)
             row = {"round": 0, **ev, "clients": 0, "client_ids": "", "accepted": 0, "rejected": 0, "failed": 0,
                    "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0, "wall_s": now - self.t_start}
             self._record(row, final=self.cfg.rounds == 0)
-            return MetricRecord(finite_metrics(ev))
+            return record
         p = self._pending.pop(rnd)
         final = rnd == self.cfg.rounds
         ev = (evaluate_all(self.strategy, self.x_test, self.y_test, self.cfg.eval_batch_size)
               if final or rnd % self.cfg.eval_every == 0 else {})
+        ev, record = self._with_user_metrics(ev, user_fn, rnd, arrays)
         now = time.perf_counter()
         row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": p["clients"],
                "client_ids": p["client_ids"], "accepted": p["accepted"], "rejected": p["rejected"], "failed": p["failed"],
@@ -295,7 +310,31 @@ class FedLatentStrategy(FlowerStrategy):
                "round_s": now - p["t0"], "wall_s": now - self.t_start,
                **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **p["extra"]}
         self._record(row, final)
-        return MetricRecord(finite_metrics(ev)) if ev else None
+        return record
+
+    _BOOKKEEPING = frozenset({"round", "clients", "client_ids", "accepted", "rejected", "failed", "train_loss",
+                              "uplink_bytes", "downlink_bytes", "round_s", "wall_s"})
+
+    def _with_user_metrics(self, ev: dict[str, Any], user_fn, rnd: int,
+                           arrays: ArrayRecord | None) -> tuple[dict[str, Any], MetricRecord | None]:
+        """(the row's evaluation columns, the MetricRecord for Flower): fedlatent's ``ev`` merged with what a
+        user's ``evaluate_fn`` returned (its non-scalar metrics go to Flower only)."""
+        record = dict(finite_metrics(ev))
+        if user_fn is not None:
+            got = user_fn(rnd, arrays if arrays is not None else self.initial_arrays())
+            if got is not None:
+                if not isinstance(got, MetricRecord):
+                    raise FedLatentError(f"evaluate_fn must return a flwr MetricRecord or None, "
+                                         f"got {type(got).__name__}")
+                clash = sorted(self._BOOKKEEPING & set(got.keys()))
+                if clash:
+                    raise FedLatentError(f"evaluate_fn returned metric(s) {', '.join(clash)}: names of the "
+                                         f"history's own columns; rename them")
+                user = dict(got.items())
+                ev = {**ev, **{k: v for k, v in user.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+                record.update(user)
+        return ev, (MetricRecord(record) if record else None)
 
     def _record(self, row: dict[str, Any], final: bool) -> None:
         self.history.append(row)

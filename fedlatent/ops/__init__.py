@@ -129,7 +129,13 @@ def emulate(kernels: TorchKernels | None = None) -> Iterator[TorchKernels]:
 def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, alpha: float = 0.2,
              gain: float = SQRT2) -> torch.Tensor:
     """``leaky_relu(x + b, alpha) * gain``, ``b`` (1-D, ``x.shape[dim]`` entries, or None) broadcast along
-    ``dim``. Needs ``alpha >= 0`` and ``gain > 0`` (the backward reads the slope from the output's sign)."""
+    ``dim``. Needs ``alpha >= 0`` and ``gain > 0`` (the backward reads the slope from the output's sign).
+
+    The result keeps the memory layout of a dense ``x`` (e.g. ``channels_last``) on every path. Mixed
+    precision: on the fused path a bias of another float dtype is cast to ``x.dtype`` first (differentiably:
+    its gradient comes back in the bias's dtype), so under AMP (float16/bfloat16 ``x``, float32 bias) the result is in ``x.dtype``,
+    as StyleGAN's ``bias_act`` does; the reference (CPU) follows PyTorch's type promotion instead (float32
+    result), exactly as before the ops existed."""
     if not (alpha >= 0 and gain > 0):
         raise FedLatentError(f"bias_act needs alpha >= 0 and gain > 0, got alpha={alpha}, gain={gain}")
     if x.ndim == 0:
@@ -138,8 +144,10 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, alpha
         raise FedLatentError(f"bias_act: bias of shape {tuple(b.shape)} does not match dimension {dim} of "
                              f"x {tuple(x.shape)}")
     kern = _kernels(x, b)
-    if kern is None or x.dtype not in _DTYPES or (b is not None and b.dtype != x.dtype) or x.numel() == 0:
+    if kern is None or x.dtype not in _DTYPES or (b is not None and b.dtype not in _DTYPES) or x.numel() == 0:
         return reference.bias_act(x, b, dim, alpha, gain)
+    if b is not None and b.dtype != x.dtype:
+        b = b.to(x.dtype)
     return fused.BiasAct.apply(x, b, dim, float(alpha), float(gain), kern)
 
 
@@ -242,6 +250,15 @@ def dsa_pack(run: tuple[str, ...], values: dict, ratio_cutout: float, batch: int
     return P, flags
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a host-device sync: a CUDA copy goes through pinned memory with
+    ``non_blocking=True`` (a pageable-memory copy blocks the host until the stream reaches it, once per
+    MTT step). PyTorch's pinned-memory allocator keeps the staging block alive until the copy has run."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def dsa_augment(x: torch.Tensor, draw, dsa) -> torch.Tensor:
     """Apply one DSA draw (:class:`~fedlatent.distill.augment.AugDraw`) of ``dsa`` (a
     :class:`~fedlatent.distill.augment.DSA`) to images ``[B, C, H, W]``; differentiable w.r.t. ``x``."""
@@ -254,7 +271,7 @@ def dsa_augment(x: torch.Tensor, draw, dsa) -> torch.Tensor:
     for run in dsa_runs(draw.groups):
         if run[0] in _FUSABLE:
             P, flags = dsa_pack(run, draw.values, dsa.params.ratio_cutout, B, H, W)
-            x = fused.DsaPass.apply(x, P.to(x.device), flags, kern)
+            x = fused.DsaPass.apply(x, _to_device(P, x.device), flags, kern)
         else:
             x = dsa.apply_groups(x, draw, run)
     return x

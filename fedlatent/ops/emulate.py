@@ -28,7 +28,9 @@ class TorchKernels:
         if b is not None:
             v = v + b.view(1, channels, 1)
         v = torch.where(v > 0, v, v * alpha)
-        return (v * gain).reshape(x.shape)
+        y = torch.empty_like(x)  # a fresh tensor, as the kernel's (a reshape would return a view)
+        torch.mul(v, gain, out=y.view(-1, channels, inner))
+        return y
 
     @staticmethod
     def bias_act_bwd(dy, y, alpha: float, gain: float):

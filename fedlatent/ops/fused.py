@@ -11,6 +11,12 @@ built from the same kernels or from differentiable PyTorch expressions:
   PyTorch ops under ``create_graph=True``;
 * :class:`DsaPass` (affine in the images: linear plus the brightness offset) -> backward :class:`DsaPassT`
   (the adjoint of the linear part), whose backward is :class:`DsaPass` again with the brightness set to 0.
+
+The kernels need contiguous buffers, but a Function always saves its *original* inputs (a ``.contiguous()``
+copy of a non-contiguous input is a new tensor cut off from the graph: a double backward through it would
+lose that input's terms); contiguous copies are made for the kernel calls only. ``bias_act`` keeps the
+memory layout of a dense input (e.g. ``channels_last``) without copying: the kernel runs on the permuted view
+that is contiguous, and the result is handed back in the input's dimension order.
 """
 from __future__ import annotations
 
@@ -27,13 +33,38 @@ def bias_layout(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
     return dim, int(x.shape[dim]), inner
 
 
+def memory_order(x: torch.Tensor) -> list[int] | None:
+    """The dimension order ``p`` in which ``x`` is laid out densely (``x.permute(p)`` is contiguous: ``[0, 2, 3,
+    1]`` for ``channels_last``), the identity for a contiguous ``x``, None if ``x`` is not dense (strided slices)."""
+    if x.is_contiguous():
+        return list(range(x.ndim))
+    order = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def in_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``t`` (contiguous, dimensions in ``order``) back in the original dimension order, sharing its memory.
+
+    Not a ``permute`` view: an output of an autograd Function that is a view may not be modified in place, so
+    the result is a fresh tensor over the same storage (the strides are those of ``t.permute(inverse)``)."""
+    if order == sorted(order):
+        return t
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    v = t.permute(inverse)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), v.shape, v.stride())
+
+
 class BiasAct(Function):
     @staticmethod
     def forward(ctx, x, b, dim: int, alpha: float, gain: float, kern):
-        x = x.contiguous()
-        dim, channels, inner = bias_layout(x, dim)
-        y = kern.bias_act_fwd(x, None if b is None else b.contiguous(), inner, channels, alpha, gain)
-        ctx.save_for_backward(y)
+        dim = dim % x.ndim
+        order = memory_order(x)
+        if order is None:  # not dense: one copy
+            x, order = x.contiguous(), list(range(x.ndim))
+        xp = x.permute(order)  # contiguous (a no-op for a contiguous x)
+        _, channels, inner = bias_layout(xp, order.index(dim))
+        y = in_order(kern.bias_act_fwd(xp, None if b is None else b.contiguous(), inner, channels, alpha, gain), order)
+        ctx.save_for_backward(y)  # an output: the slope is read from its sign, x is not kept
         ctx.conf = (dim, alpha, gain, kern, b is not None)
         return y
 
@@ -49,11 +80,17 @@ class BiasAct(Function):
 
 
 class BiasActGrad(Function):
+    """``dx = dy * gain * slope(y)``, elementwise; ``dx`` in ``y``'s memory layout (which is dense)."""
+
     @staticmethod
     def forward(ctx, dy, y, alpha: float, gain: float, kern):
         ctx.save_for_backward(y)
         ctx.conf = (alpha, gain, kern)
-        return kern.bias_act_bwd(dy.contiguous(), y, alpha, gain)
+        order = memory_order(y)
+        if order is None:
+            y, order = y.contiguous(), list(range(y.ndim))
+        yp = y.permute(order)
+        return in_order(kern.bias_act_bwd(dy.permute(order).contiguous(), yp, alpha, gain), order)
 
     @staticmethod
     def backward(ctx, ddx):
@@ -87,9 +124,8 @@ class SgdStep(Function):
 class TrajectoryLoss(Function):
     @staticmethod
     def forward(ctx, e, s, t, kern):
-        e, s, t = e.contiguous(), s.contiguous(), t.contiguous()
-        loss, stats = kern.traj_fwd(e, s, t)
-        ctx.save_for_backward(e, s, t, stats)
+        loss, stats = kern.traj_fwd(e.contiguous(), s.contiguous(), t.contiguous())
+        ctx.save_for_backward(e, s, t, stats)  # the inputs themselves: the create_graph branch differentiates them
         ctx.kern = kern
         return loss
 
@@ -102,7 +138,8 @@ class TrajectoryLoss(Function):
             de = go * 2.0 * (e - t) / den
             ds = -go * 2.0 * num / den.pow(2) * (s - t)
             return (de if ne else None), (ds if ns else None), (-(de + ds) if nt else None), None
-        de, ds, dt = ctx.kern.traj_bwd(go.contiguous(), stats, e, s, t, bool(ne), bool(ns), bool(nt))
+        de, ds, dt = ctx.kern.traj_bwd(go.contiguous(), stats, e.contiguous(), s.contiguous(), t.contiguous(),
+                                       bool(ne), bool(ns), bool(nt))
         return de, ds, dt, None
 
 
@@ -136,4 +173,5 @@ class DsaPassT(Function):
         return DsaPass.apply(ddx, linear, flags, kern), None, None, None
 
 
-__all__ = ["BiasAct", "BiasActGrad", "SgdStep", "TrajectoryLoss", "DsaPass", "DsaPassT", "bias_layout"]
+__all__ = ["BiasAct", "BiasActGrad", "SgdStep", "TrajectoryLoss", "DsaPass", "DsaPassT", "bias_layout", "memory_order",
+           "in_order"]
