@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feddgm"))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="reuse runs that already have a summary.json (e.g. to add the cross-architecture table later)")
     return p.parse_args(argv)
 
 
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
 
     a = parse_args(argv)
     out = Path(a.out)
-    RunFolder.check(out, a.overwrite)
+    if not a.skip_existing:
+        RunFolder.check(out, a.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     opts = feddgm_options(a)
     results = {"args": vars(a), "cells": [], "speed": [], "python": platform.python_version(), "torch": torch.__version__}
@@ -171,9 +174,18 @@ def main(argv=None) -> int:
             for method in a.methods:
                 run_dir = out / f"{name}-a{alpha}-{method}"
                 t0 = time.perf_counter()
+                if a.skip_existing and (run_dir / "summary.json").is_file():
+                    summ = json.loads((run_dir / "summary.json").read_text())
+                    rows = read_metrics(run_dir / "metrics.csv")
+                    cell["runs"][method] = {"final": summ["final_accuracy"], "best": summ["best_accuracy"],
+                                            "wall_s": summ["wall_s"], "existing": True,
+                                            "curve": [(int(r["round"]), r["accuracy"]) for r in rows
+                                                      if r.get("accuracy") is not None]}
+                    print(f"{name} alpha={alpha} {method}: final {summ['final_accuracy']:.4f} (existing run)", flush=True)
+                    continue
                 if method == "feddgm":
                     fd_opts = {k: v for k, v in opts.items() if k not in ("generator", "space")}
-                    res = distill_federated(data=data, preset=a.preset, out=run_dir, overwrite=a.overwrite,
+                    res = distill_federated(data=data, preset=a.preset, out=run_dir, overwrite=a.overwrite or a.skip_existing,
                                             progress=False, exclude_public=False, generator=gen, space=space,
                                             surrogate=a.model,
                                             alpha=alpha, **{**common, **fd_opts})
@@ -184,12 +196,14 @@ def main(argv=None) -> int:
                     if synth >= a.rounds:
                         print(f"skip dynafed: needs rounds > {synth}")
                         continue
-                    sim = simulate("dynafed", dataset=name, data=data, out=run_dir, overwrite=a.overwrite, progress=False,
+                    sim = simulate("dynafed", dataset=name, data=data, out=run_dir, overwrite=a.overwrite or a.skip_existing,
+                                   progress=False,
                                    method_options={"synth_round": synth, "iterations": a.dynafed_iterations,
                                                    "ipc": a.dynafed_ipc, "progress": False},
                                    **{**common, "alpha": alpha})
                 else:
-                    sim = simulate(method, dataset=name, data=data, out=run_dir, overwrite=a.overwrite, progress=False,
+                    sim = simulate(method, dataset=name, data=data, out=run_dir, overwrite=a.overwrite or a.skip_existing,
+                                   progress=False,
                                    **{**common, "alpha": alpha})
                 rows = read_metrics(run_dir / "metrics.csv")
                 cell["runs"][method] = {"final": sim.final_accuracy, "best": sim.best_accuracy,
