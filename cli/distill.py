@@ -74,7 +74,8 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for PyTorch. [default: 1 for --preset cpu on a CPU device unless $OMP_NUM_THREADS is "
                    "set (its tiny kernels gain nothing from intra-op threads, and on a busy machine two threads were "
-                   "measured 10x slower than one); PyTorch's default otherwise]")
+                   "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
+                   "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @click_options
 def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
@@ -85,7 +86,8 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
     Clients train the global surrogate locally and upload start/end weights; the server distils each client's
     trajectory into synthetic images through a generator, pools them and trains the global model. Writes
     config.json, metrics.csv, accuracy.png, grid_round{r}.png, distilled.safetensors, report.md and checkpoints/.
-    With --backend ray the clients and (--looped) the per-client distillations run as parallel Ray tasks.
+    With --backend ray the clients and (--looped) the per-client distillations run as parallel Ray tasks
+    (--ray-cpus-per-client threads each; --threads is for this process only).
     """
     import os
 

@@ -103,6 +103,11 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
     accuracy.png, partition.csv/png and summary.json. Heterogeneous methods (feddf, fedmd) add
     accuracy_<arch> / loss_<arch> columns per architecture. The defaults (FedAvg, 10 clients, Dirichlet alpha 0.5, 20 rounds, half the clients per round, ConvNet-D3 on
     16 px scikit-learn digits) finish in under a minute on a laptop CPU.
+
+    With --backend ray the clients run as parallel Ray tasks, each with int(--ray-cpus-per-client) PyTorch
+    threads (same seed and same thread count as this process: the serial run's numbers). A client task that
+    fails is retried (--ray-retries), or cancelled after --ray-timeout, and then left out of its round and
+    listed in summary.json.
     """
     from fedlatent.fl.simulation import simulate as run
 

@@ -6,8 +6,10 @@ compares against a serial run made with the same PyTorch thread count (1), see f
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import os
 import sys
 import uuid
@@ -24,6 +26,11 @@ from fedlatent.utils import FedLatentError
 FEDDGM_TINY = dict(clients=4, participation=1.0, rounds=2, local_epochs=1, batch_size=64, model="convnet:width=8",
                    surrogate="convnet:width=8", ipc=1, iterations=2, syn_steps=2, train_epochs=1, seed=3,
                    batched=False, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # distill_federated(out=None) writes runs/feddgm-<dataset>-<time>: not into the repo
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +86,38 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 class _Faulty(FedAvg):
-    """FedAvg whose clients in ``bad`` fail: "raise" always, "flaky" on their first attempt only, "crash" kills
-    the worker process. Every attempt leaves a file in ``marks`` (attempts are counted across processes)."""
+    """FedAvg whose clients in ``bad`` fail: "raise" always, "flaky" on their first attempt only, "reject"
+    always with a FedLatentError, "crash" kills the worker process (``mode``: one for all, or a dict client ->
+    mode). Every attempt leaves a file in ``marks`` (attempts are counted across processes)."""
 
     def __init__(self, bad=(), mode="raise", marks=None):
-        self.bad, self.mode, self.marks = set(bad), mode, marks
+        self.modes = dict(mode) if isinstance(mode, dict) else {c: mode for c in bad}
+        self.marks = marks
 
     def client_update(self, ctx, rnd, client_id, payload, data):
-        if client_id in self.bad:
+        mode = self.modes.get(client_id)
+        if mode is not None:
             marks = Path(self.marks)
             first = not any(marks.glob(f"r{rnd}-c{client_id}-*"))
             (marks / f"r{rnd}-c{client_id}-{uuid.uuid4().hex}").touch()
-            if self.mode == "crash":
+            if mode == "crash":
                 os._exit(3)
-            if self.mode == "raise" or first:
+            if mode == "reject":
+                raise FedLatentError(f"client {client_id}: bad setting")
+            if mode == "raise" or first:
                 raise RuntimeError(f"client {client_id} broke in round {rnd}")
         return super().client_update(ctx, rnd, client_id, payload, data)
+
+
+def _nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+class _Interrupt(BaseException):
+    """Stands for a KeyboardInterrupt reaching the driver while tasks run."""
 
 
 def _dropping_map(bad):
@@ -161,7 +184,41 @@ def test_feddgm_distill_map_hook_gives_the_loop_s_numbers(one_thread):
     assert _same_state(sa.model, sb.model)
 
 
-def test_feddgm_failed_distillation_job_drops_that_client_s_set(one_thread):
+def test_feddgm_worker_view_is_lean_and_loads_the_generator_by_name(one_thread):
+    """What Ray ships for FedDGM: no pool / round log / global model / generator object (the worker loads the
+    generator by name, once per process), and its distill_client gives the full strategy's numbers."""
+    pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    import fedlatent.fl.feddgm as fd
+    from fedlatent.parallel import _Method, _shippable, pack, unpack
+
+    s = fd.distill_federated(out=None, **{**FEDDGM_TINY, "rounds": 0, "model": "convnet:width=4"}).simulation.strategy
+    s.pool = fd.Pool(torch.randn(40, 1, 16, 16), torch.arange(40) % 10, torch.zeros(40, dtype=torch.long),
+                     torch.ones(40, dtype=torch.long))
+    s.round_log = [{"round": 1}]
+    shipped = _shippable(s.distill_client)
+    assert isinstance(shipped, _Method) and shipped.name == "distill_client"
+    v = shipped.obj
+    assert v is not s and v.G is None and v._g_by_name == "digits" and v.pool is None and v.round_log == []
+    assert v.model is None and v.surrogate is s.surrogate and s.G is not None and s.pool is not None  # s untouched
+    whole, lean = len(cloudpickle.dumps(s.distill_client)), len(pack(shipped))
+    assert lean * 10 < whole, (lean, whole)
+    up = fd.Upload(0, {"start": s.flat.flatten(), "end": s.flat.flatten() + 0.01}, 10)
+    fd._WORKER_GENERATORS.clear()
+    got = unpack(pack(shipped))(2, up)  # as in a fresh worker: the generator is loaded there by name
+    assert list(fd._WORKER_GENERATORS) == [("digits", "cpu")]
+    ref = s.distill_client(2, up)
+    assert torch.equal(got.images, ref.images) and torch.equal(got.f_k, ref.f_k) and got.run.losses == ref.run.losses
+    # a generator object that did not come from its name goes as it is
+    s.G = other = copy.deepcopy(s.G)
+    assert _shippable(s.distill_client).obj.G is other
+    fd._WORKER_GENERATORS.clear()
+    with pytest.raises(FedLatentError, match="is not the run's"):  # another checkpoint under that name here
+        fd.worker_generator("digits", "cpu", sha256="0" * 64)
+
+
+def test_feddgm_failed_distillation_job_drops_that_client_s_set(one_thread, caplog):
     from fedlatent.fl.feddgm import distill_federated
 
     class _LosesClient1:
@@ -176,12 +233,37 @@ def test_feddgm_failed_distillation_job_drops_that_client_s_set(one_thread):
         def describe(self):
             return {"name": "loses client 1"}
 
-    res = distill_federated(out=None, backend=_LosesClient1(), **{**FEDDGM_TINY, "rounds": 1})
+    with caplog.at_level(logging.WARNING, logger="fedlatent"):
+        res = distill_federated(out=None, backend=_LosesClient1(), **{**FEDDGM_TINY, "rounds": 1})
     row = res.simulation.history[1]
     assert row["distill_dropped"] == 1 and row["distill_failed"] == 1 and row["pool_size"] == 30
     pool = res.simulation.strategy.pool
     assert sorted(set(pool.clients.tolist())) == [0, 2, 3]
-    assert "job failed: RuntimeError: lost" in res.simulation.strategy.round_log[0]["failures"][1]
+    entry = res.simulation.strategy.round_log[0]
+    assert "job failed: RuntimeError: lost" in entry["failures"][1]
+    assert entry["lr"][1] is None and all(isinstance(x, float) for i, x in enumerate(entry["lr"]) if i != 1)
+    assert [r.getMessage() for r in caplog.records if "client 1" in r.getMessage()] == \
+        ["round 1: the distillation of client 1 failed (job failed: RuntimeError: lost); its set is dropped"]
+
+
+def test_feddgm_every_distillation_job_failing_is_an_error(one_thread):
+    from fedlatent.fl.feddgm import distill_federated
+
+    class _LosesAll:
+        def client_map(self, fn, jobs):
+            if fn.__name__ != "distill_client":
+                return sequential_map(fn, jobs)
+            return [ClientFailure(up.client_id, f"RuntimeError: lost {up.client_id}") for _, up in jobs]
+
+        def attach(self, strategy):
+            strategy.distill_map = self.client_map
+
+        def describe(self):
+            return {"name": "loses all"}
+
+    with pytest.raises(FedLatentError, match=r"round 1: every distillation job failed \(4 of 4\); first error "
+                                             r"\(client 0\): RuntimeError: lost 0"):
+        distill_federated(out=None, backend=_LosesAll(), **{**FEDDGM_TINY, "rounds": 1, "train_epochs": 0})
 
 
 def test_backend_choice_errors():
@@ -206,6 +288,56 @@ def test_missing_ray_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(FedLatentError, match=r"pip install 'fedlatent\[ray\]'"):
         make_backend("ray")
+
+
+class _Probe:
+    """A strategy-like object whose method reports the devices it saw in the worker."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def work(self, ctx, x64, x32):
+        return {"seen": (ctx.device, self.ctx.device, x64.device.type, x32.device.type),
+                "out": torch.arange(3, dtype=torch.float64), "cpu": torch.ones(2)}
+
+
+def test_device_boundary_moves_accelerator_tensors_through_the_cpu(monkeypatch):
+    """Without a GPU: float64 tensors play "on the accelerator" and the meta device plays the receiving GPU.
+    Accelerator tensors leave as CPU data and arrive on the receiver's device; CPU tensors stay; the worker
+    computes on its own device (FLContext args and the strategy's ctx rewritten), results land on the driver's."""
+    pytest.importorskip("ray")
+    import fedlatent.parallel as par
+    from fedlatent.fl.base import FLContext
+
+    monkeypatch.setattr(par, "_on_accelerator", lambda t: t.dtype == torch.float64)
+    a = torch.randn(4, dtype=torch.float64)
+    p = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    obj = {"a": a, "again": a, "b": torch.randn(3), "p": p}
+    back = par.unpack(par.pack(obj), "meta")
+    assert back["a"].device.type == "meta" and back["again"] is back["a"] and back["a"].dtype == torch.float64
+    assert isinstance(back["p"], torch.nn.Parameter) and back["p"].requires_grad and back["p"].device.type == "meta"
+    assert back["b"].device.type == "cpu" and torch.equal(back["b"], obj["b"])
+    cpu = par.unpack(par.pack(obj), "cpu")
+    assert torch.equal(cpu["a"], a) and torch.equal(cpu["p"], p)  # the values really travel
+
+    ctx = FLContext(_cfg(), 10, 1, 8, [str(i) for i in range(10)], [1] * 4, device="cuda:3")
+    cpu_ctx = dataclasses.replace(ctx, device="cpu")
+    assert par.driver_device(_Probe(cpu_ctx).work, (ctx,)) == "cuda:3"  # the argument's context first
+    assert par.driver_device(_Probe(ctx).work, ()) == "cuda:3" and par.driver_device(_nap, ()) is None
+    assert par.worker_device("cuda:3") == "cuda" and par.worker_device("cpu") == "cpu"
+    assert par.worker_device(None) is None
+    fn = par._shippable(_Probe(ctx).work)
+    x64, x32 = torch.randn(2, dtype=torch.float64), torch.randn(2)
+    blob = par._run_job(par.pack(fn), 1, "meta", par.pack(ctx), par.pack(x64), par.pack(x32))  # in-process "worker"
+    res = par.unpack(blob, "meta")  # the driver's device
+    assert res["seen"] == ("meta", "meta", "meta", "cpu")
+    assert res["out"].device.type == "meta" and res["cpu"].device.type == "cpu"
+    assert torch.equal(par.unpack(blob, "cpu")["out"], torch.arange(3, dtype=torch.float64))
+    assert ctx.device == "cuda:3"  # the driver's context is not modified
+    with pytest.raises(FedLatentError, match="CUDA run on Ray needs GPUs per client"):
+        par.RayBackend().client_map(_Probe(ctx).work, [(ctx, x64, x32)])
+    with pytest.raises(FedLatentError, match="timeout"):
+        par.RayBackend(timeout=0)
 
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
@@ -253,13 +385,16 @@ def test_failing_client_is_retried_then_reported_and_the_round_goes_on(ray_rt, t
     from fedlatent.parallel import RayBackend
 
     with RayBackend(retries=1) as rb:
-        par = run_simulation(_Faulty({1}, "raise", str(tmp_path)), tiny, _cfg(), None, progress=False,
-                             client_map=rb.client_map)
+        par = run_simulation(_Faulty(mode={1: "raise", 2: "reject"}, marks=str(tmp_path)), tiny, _cfg(), None,
+                             progress=False, client_map=rb.client_map)
     assert len(list(tmp_path.glob("r1-c1-*"))) == 2 and len(list(tmp_path.glob("r2-c1-*"))) == 2  # 1 + 1 retry
-    assert [(f["round"], f["client"], f["attempts"]) for f in par.failures] == [(1, 1, 2), (2, 1, 2)]
-    assert "RuntimeError: client 1 broke in round 1" in par.failures[0]["error"]
-    # exactly the serial run without client 1
-    ref = run_simulation(FedAvg(), tiny, _cfg(), None, progress=False, client_map=_dropping_map({1}))
+    assert len(list(tmp_path.glob("r1-c2-*"))) == 1 and len(list(tmp_path.glob("r2-c2-*"))) == 1  # never retried
+    assert [(f["round"], f["client"], f["attempts"]) for f in par.failures] == [(1, 1, 2), (1, 2, 1), (2, 1, 2),
+                                                                                (2, 2, 1)]
+    assert par.failures[0]["error"] == "RuntimeError: client 1 broke in round 1"
+    assert par.failures[1]["error"] == "FedLatentError: client 2: bad setting"
+    # exactly the serial run without clients 1 and 2
+    ref = run_simulation(FedAvg(), tiny, _cfg(), None, progress=False, client_map=_dropping_map({1, 2}))
     assert [{k: v for k, v in r.items() if k != "error"} for r in _rows(par)] == _rows(ref)
     assert _same_state(par.strategy.model, ref.strategy.model)
 
@@ -275,20 +410,6 @@ def test_flaky_client_succeeds_on_retry_with_serial_numbers(ray_rt, tiny, tmp_pa
     assert _rows(par) == _rows(serial) and _same_state(par.strategy.model, serial.strategy.model)
 
 
-def test_crashed_worker_is_reported_and_the_round_goes_on(ray_rt, tiny, tmp_path):
-    from fedlatent.parallel import RayBackend
-
-    with RayBackend(retries=1) as rb:
-        par = run_simulation(_Faulty({3}, "crash", str(tmp_path)), tiny, _cfg(rounds=1), None, progress=False,
-                             client_map=rb.client_map)
-    assert len(list(tmp_path.glob("r1-c3-*"))) == 2  # the crash was retried once
-    assert [(f["client"], f["attempts"]) for f in par.failures] == [(3, 2)]
-    assert par.failures[0]["error"].startswith("WorkerCrashedError")
-    assert par.history[1]["accepted"] == 3 and par.history[1]["failed"] == 1
-    ref = run_simulation(FedAvg(), tiny, _cfg(rounds=1), None, progress=False, client_map=_dropping_map({3}))
-    assert _same_state(par.strategy.model, ref.strategy.model)
-
-
 def test_cli_simulate_backend_ray(ray_rt, tmp_path):
     from click.testing import CliRunner
 
@@ -296,13 +417,14 @@ def test_cli_simulate_backend_ray(ray_rt, tmp_path):
 
     out = tmp_path / "run"
     args = ["simulate", "--clients", "4", "--rounds", "1", "--participation", "1", "--model", "convnet:width=8",
-            "--image-size", "8", "--out", str(out), "-q", "--backend", "ray", "--ray-retries", "0"]
+            "--image-size", "8", "--out", str(out), "-q", "--backend", "ray", "--ray-retries", "0",
+            "--ray-timeout", "300"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "fedavg: final accuracy" in r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["backend"] == {"name": "ray", "address": None, "cpus_per_client": 1.0, "gpus_per_client": 0.0,
-                              "retries": 0}
+                              "retries": 0, "timeout": 300.0}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 0
     bad = CliRunner().invoke(main, ["simulate", "--rounds", "1", "--ray-retries", "2", "--out", str(tmp_path / "x")])
@@ -320,9 +442,61 @@ def test_shared_arguments_go_to_the_object_store_once_per_round(ray_rt, tiny, mo
     assert _share_key({k: v.clone() for k, v in p1.items()}) != _share_key(p1)  # equal values, other memory
     assert _share_key({**p1, "bias": p1["bias"][:1]}) != _share_key(p1)  # a view of part of a tensor
 
+    import pickle
+
     put = ray_rt.put
     puts = []
-    monkeypatch.setattr(ray_rt, "put", lambda obj, **kw: puts.append(type(obj).__name__) or put(obj, **kw))
+    monkeypatch.setattr(ray_rt, "put", lambda obj, **kw: puts.append(obj) or put(obj, **kw))
     with RayBackend(retries=0) as rb:
         run_simulation(FedAvg(), tiny, _cfg(rounds=2), None, progress=False, client_map=rb.client_map)
-    assert sorted(puts) == sorted(["method", "FLContext", "dict"] * 2)
+    assert all(isinstance(b, bytes) for b in puts)  # packed (tensors on the CPU), see fedlatent.parallel.pack
+    kinds = [type(pickle.loads(b)).__name__ for b in puts]
+    assert sorted(kinds) == sorted(["_Method", "FLContext", "dict"] * 2)
+
+
+# -- these kill workers: last ---------------------------------------------------------------------------------------
+def test_timed_out_task_is_cancelled_and_reported(ray_rt):
+    import time
+
+    from fedlatent.parallel import RayBackend
+
+    rb = RayBackend(retries=1, timeout=2)
+    t = time.perf_counter()
+    out = rb.client_map(_nap, [(0.0,), (60.0,)])
+    assert time.perf_counter() - t < 30
+    assert out[0] == 0.0 and isinstance(out[1], ClientFailure)
+    assert out[1].error.startswith("TimeoutError: no result 2 s after submission") and out[1].attempts == 1
+
+
+def test_tasks_are_cancelled_when_an_exception_leaves_client_map(ray_rt, monkeypatch):
+    from fedlatent.parallel import RayBackend
+
+    cancelled = []
+    real_cancel, real_get = ray_rt.cancel, ray_rt.get
+    monkeypatch.setattr(ray_rt, "cancel", lambda ref, **kw: cancelled.append((ref, kw)) or real_cancel(ref, **kw))
+
+    def interrupted(*a, **kw):
+        raise _Interrupt()
+
+    monkeypatch.setattr(ray_rt, "get", interrupted)
+    with pytest.raises(_Interrupt):
+        RayBackend(retries=1).client_map(_nap, [(60.0,), (60.0,)])
+    monkeypatch.undo()
+    assert len(cancelled) == 2 and all(kw == {"force": True} for _, kw in cancelled)
+    for ref, _ in cancelled:  # really stopped (running or still queued), not running on for a minute
+        with pytest.raises(ray_rt.exceptions.TaskCancelledError):
+            real_get(ref, timeout=30)
+
+
+def test_crashed_worker_is_reported_and_the_round_goes_on(ray_rt, tiny, tmp_path):
+    from fedlatent.parallel import RayBackend
+
+    with RayBackend(retries=1) as rb:
+        par = run_simulation(_Faulty({3}, "crash", str(tmp_path)), tiny, _cfg(rounds=1), None, progress=False,
+                             client_map=rb.client_map)
+    assert len(list(tmp_path.glob("r1-c3-*"))) == 2  # the crash was retried once
+    assert [(f["client"], f["attempts"]) for f in par.failures] == [(3, 2)]
+    assert par.failures[0]["error"].startswith("WorkerCrashedError")
+    assert par.history[1]["accepted"] == 3 and par.history[1]["failed"] == 1
+    ref = run_simulation(FedAvg(), tiny, _cfg(rounds=1), None, progress=False, client_map=_dropping_map({3}))
+    assert _same_state(par.strategy.model, ref.strategy.model)

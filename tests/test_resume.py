@@ -124,3 +124,34 @@ def test_resume_without_checkpoint_restarts_and_bad_folders_fail(tmp_path, monke
     assert res.resumed_from is None and res.simulation.rounds == 1
     with pytest.raises(FedLatentError, match="not a run folder"):
         fd.distill_federated(resume=tmp_path / "empty")
+
+
+def test_resumed_run_keeps_the_failures_of_the_rounds_before_the_checkpoint(tmp_path):
+    """A client that a parallel runner reports as failed (ClientFailure) in every round: the resumed run's
+    failures (and summary) are the uninterrupted run's, not only those after the checkpoint."""
+    import dataclasses
+
+    from fedlatent.data import load_digits
+    from fedlatent.fl import FedAvg, FLConfig, run_simulation
+    from fedlatent.fl.checkpoint import resume_state
+    from fedlatent.fl.simulation import ClientFailure
+
+    d = load_digits(resize=8)
+    d = dataclasses.replace(d, x_train=d.x_train[:160], y_train=d.y_train[:160], x_test=d.x_test[:50],
+                            y_test=d.y_test[:50])
+    cfg = FLConfig(clients=3, rounds=2, participation=1.0, model="convnet:width=4", batch_size=32, min_size=5, seed=1)
+
+    def drops_client_1(fn, jobs):
+        return [ClientFailure(1, "RuntimeError: lost") if args[2] == 1 else fn(*args) for args in jobs]
+
+    def first_round_only(rnd, strategy, engine_state):
+        if rnd == 1:
+            save_checkpoint(tmp_path, rnd, strategy.state_dict(), engine_state)
+
+    full = run_simulation(FedAvg(), d, cfg, None, progress=False, client_map=drops_client_1,
+                          checkpoint_fn=first_round_only)
+    assert [(f["round"], f["client"]) for f in full.failures] == [(1, 1), (2, 1)]
+    res = run_simulation(FedAvg(), d, cfg, None, progress=False, client_map=drops_client_1,
+                         resume=resume_state(load_checkpoint(tmp_path)))
+    assert res.failures == full.failures and res.summary()["failed"] == 2
+    assert [r["failed"] for r in res.history] == [0, 1, 1]

@@ -234,8 +234,8 @@ def resume_state(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     restore_rng(ckpt["rng"])
     eng = dict(ckpt["engine"])
     return {"round": int(ckpt["round"]), "strategy": ckpt["strategy"], "history": list(eng.get("history", [])),
-            "rejections": list(eng.get("rejections", [])), "totals": dict(eng.get("totals", {})),
-            "wall_s": float(eng.get("wall_s", 0.0))}
+            "rejections": list(eng.get("rejections", [])), "failures": list(eng.get("failures", [])),
+            "totals": dict(eng.get("totals", {})), "wall_s": float(eng.get("wall_s", 0.0))}
 
 
 __all__ = ["encode_state", "decode_state", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",

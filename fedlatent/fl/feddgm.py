@@ -492,6 +492,25 @@ def default_space(generator) -> str:
     return f"F{min(5, generator.num_layers)}"
 
 
+_WORKER_GENERATORS: dict[tuple[str, str], Any] = {}
+
+
+def worker_generator(name: str, device: str, sha256: str | None = None):
+    """The generator ``name`` on ``device``, loaded once per process (a parallel worker's cache, see
+    :meth:`FedDGM.worker_view`); FedLatentError when the file here is not the one the run recorded (``sha256``)."""
+    from ..generators import load_generator
+
+    key = (str(name), str(device))
+    if key not in _WORKER_GENERATORS:
+        if sha256:
+            here = generator_identity(name)[1]
+            if here != sha256:
+                raise FedLatentError(f"generator {name!r} on this worker (sha256 {here}) is not the run's "
+                                     f"(sha256 {sha256}); install the same checkpoint on every node")
+        _WORKER_GENERATORS[key] = load_generator(name, device=device)
+    return _WORKER_GENERATORS[key]
+
+
 # =============================================================================================
 # The strategy
 
@@ -564,7 +583,8 @@ class FedDGM(Strategy):
 
     ``distill_map`` (not an option; set by :meth:`fedlatent.parallel.RayBackend.attach`): a client runner
     ``(fn, jobs) -> [fn(*job) ...]``; when set, the looped per-client distillation runs through it, one
-    :meth:`distill_client` job per client (the batched path ignores it).
+    :meth:`distill_client` job per client (the batched path ignores it). What a parallel runner ships to its
+    workers is :meth:`worker_view`.
     """
 
     distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
@@ -649,6 +669,7 @@ class FedDGM(Strategy):
                 raise FedLatentError("feddgm: no generator given and none is known for this dataset; pass "
                                      "generator=NAME|PATH (fedlatent pretrained list) or space='pixel'")
             self.G = load_generator(name, device=ctx.device)
+            self._g_source = (name, self.G)  # worker_view ships this G by name (a worker loads it itself)
             self.generator_name = name
             if self.space is None:
                 self.space = default_space(self.G)
@@ -775,19 +796,26 @@ class FedDGM(Strategy):
             sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
         runs = [st.run for st in sets]
         parts = []
-        dropped = 0
+        dropped: set[int] = set()
         for u, st in zip(good, sets):
-            if st.images is None or not torch.isfinite(st.images).all():
-                log.warning("round %d: client %d's distilled images are %s (%s); its set is dropped",
-                            rnd, u.client_id, "missing" if st.images is None else "not finite", st.run.failure)
-                dropped += 1
+            if st.images is None:
+                log.warning("round %d: the distillation of client %d failed (%s); its set is dropped",
+                            rnd, u.client_id, st.run.failure)
+                dropped.add(u.client_id)
+                continue
+            if not torch.isfinite(st.images).all():
+                log.warning("round %d: client %d's distilled images are not finite (%s); its set is dropped",
+                            rnd, u.client_id, st.run.failure)
+                dropped.add(u.client_id)
                 continue
             n = st.images.shape[0]
             parts.append(Pool(st.images, st.labels, torch.full((n,), u.client_id, dtype=torch.long),
                               torch.full((n,), rnd, dtype=torch.long), st.ws, st.f_k))
-        extra["distill_dropped"] = float(dropped)
+        extra["distill_dropped"] = float(len(dropped))
         if not parts:
-            log.warning("round %d: every distilled set diverged; the global state is unchanged", rnd)
+            lost = sum(st.images is None for st in sets)
+            log.warning("round %d: no usable distilled set (%d diverged%s); the global state is unchanged", rnd,
+                        len(sets) - lost, f", {lost} failed" if lost else "")
             return extra
         this_round = Pool.cat(parts)
         self.pool = this_round if self.pool_mode == "round" or self.pool is None else Pool.cat([self.pool, this_round])
@@ -806,10 +834,12 @@ class FedDGM(Strategy):
         first_losses = [r.losses[0] for r in runs if r.losses]
         failures = [r for r in runs if r.failure]
         for r in failures:
-            log.warning("round %d: distillation of client %d stopped at %s", rnd, r.client_id, r.failure)
+            if r.client_id not in dropped:  # a dropped set was logged above
+                log.warning("round %d: distillation of client %d stopped at %s; its last good set is used",
+                            rnd, r.client_id, r.failure)
         entry = {"round": rnd, "clients": [r.client_id for r in runs], "loss_first": first_losses,
-                 "loss_last": final_losses, "lr": [r.lr for r in runs], "failures": [r.failure for r in runs],
-                 "batch": bsz}
+                 "loss_last": final_losses, "lr": [r.lr if math.isfinite(r.lr) else None for r in runs],
+                 "failures": [r.failure for r in runs], "batch": bsz}
         self.round_log.append(entry)
         extra.update({
             "distill_loss": float(np.mean(final_losses)) if final_losses else math.nan,
@@ -826,23 +856,52 @@ class FedDGM(Strategy):
 
     def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
         """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
-        seeds and iterations as the loop over all clients, so the same numbers."""
+        seeds and iterations as the loop over all clients, so the same numbers. In a :meth:`worker_view` the
+        generator is loaded here, by name, once per process (:func:`worker_generator`)."""
+        if self.G is None and getattr(self, "_g_by_name", None) is not None:
+            self.G = worker_generator(self._g_by_name, self.ctx.device, self.generator_sha256)
         d = self.make_distillers(rnd, [upload])[0]
         runs, _ = distill_clients([d], [upload.client_id], self.iterations, batched=False, progress=False)
         return harvest(d, runs[0], self._pixel)
 
     def _distill_mapped(self, rnd: int, good: Sequence[Upload]) -> list[DistilledSet]:
         """Every client's :meth:`distill_client` through :attr:`distill_map`; a job the runner reports as failed
-        (a :class:`fedlatent.fl.simulation.ClientFailure`) becomes a set without images (dropped, logged)."""
-        out = []
+        (a :class:`fedlatent.fl.simulation.ClientFailure`) becomes a set without images (dropped and logged by
+        :meth:`aggregate`). When every job failed - errors, not diverged sets - FedLatentError is raised with
+        the first error (going on would repeat rounds that change nothing)."""
+        out, errors = [], []
         for u, res in zip(good, self.distill_map(self.distill_client, [(rnd, u) for u in good])):
             if isinstance(res, DistilledSet):
                 out.append(res)
             else:
-                err = getattr(res, "error", repr(res))
-                log.warning("round %d: the distillation job of client %d failed: %s", rnd, u.client_id, err)
+                err = getattr(res, "error", None) or repr(res)
+                errors.append((u.client_id, err))
                 out.append(DistilledSet(ClientRun(u.client_id, failure=f"job failed: {err}"), None, None))
+        if errors and len(errors) == len(good):
+            cid, err = errors[0]
+            raise FedLatentError(f"round {rnd}: every distillation job failed ({len(errors)} of {len(good)}); "
+                                 f"first error (client {cid}): {err}")
         return out
+
+    def worker_view(self) -> "FedDGM":
+        """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
+        shallow copy without the pool, the round log, the global model (when it is not the surrogate), the
+        flat-parameter helper, the sent payload and the runner hook. The generator goes by name when setup
+        loaded it from one (the worker loads it itself, once per process, and checks its sha256 against this
+        run's); a generator object set on the strategy otherwise (e.g. ``strategy.G = obj`` in a program) has
+        no name to load and is shipped as it is. On a cluster, the name must therefore resolve on every node
+        (same manifest entry / checkpoint path)."""
+        v = copy.copy(self)
+        d = v.__dict__
+        d.pop("distill_map", None)
+        d.update(pool=None, round_log=[], _sent=None, flat=None)
+        if getattr(self, "surrogate", None) is not getattr(self, "model", None):
+            d["model"] = None
+        src = getattr(self, "_g_source", None)
+        d["_g_source"] = None
+        if self.__dict__.get("G") is not None and src is not None and src[1] is self.G:
+            d["G"], d["_g_by_name"] = None, src[0]
+        return v
 
     # -- artefacts -------------------------------------------------------------------------------------
     def export_metadata(self) -> dict[str, Any]:
