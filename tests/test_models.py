@@ -54,6 +54,32 @@ def test_convnet_depth_from_size_and_options():
     assert any(isinstance(l, nn.BatchNorm2d) for l in get_model("convnet:norm=batchnorm", 1, 10, 28).modules())
 
 
+def test_vgg11_norms():
+    """Small-input VGG-11 "A": 8 convs and 5 max-pools; instance norm (GroupNorm(C, C)) after every conv by
+    default, batch norm or none on request; torchvision's VGG-11 above 64 px (no instance-norm variant)."""
+    cfg = [64, 128, 256, 256, 512, 512, 512, 512]
+    m = get_model("vgg11", 3, 10, 32)
+    convs = [l for l in m.modules() if isinstance(l, nn.Conv2d)]
+    norms = [l for l in m.modules() if isinstance(l, nn.GroupNorm)]
+    assert [c.out_channels for c in convs] == cfg and sum(isinstance(l, nn.MaxPool2d) for l in m.modules()) == 5
+    assert [(n.num_groups, n.num_channels, n.affine) for n in norms] == [(c, c, True) for c in cfg]
+    kinds = [type(l) for l in m.features]
+    assert kinds[:4] == [nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.MaxPool2d]
+    plain = get_model("vgg11:norm=none", 1, 10, 28)
+    assert not any(isinstance(l, (nn.GroupNorm, nn.BatchNorm2d)) for l in plain.modules())
+    assert sum(isinstance(l, nn.BatchNorm2d) for l in get_model("vgg11:norm=batchnorm", 3, 10, 32).modules()) == 8
+    # 28 px: the first conv pads to 32 so that the five pools fit; no norm adds only 2 * sum(cfg) parameters
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in get_model("vgg11:norm=none", 3, 10, 32)
+                                                       .parameters()) == 2 * sum(cfg)
+    with pytest.raises(FedLatentError, match="unknown norm 'layer'"):
+        get_model("vgg11:norm=layer", 3, 10, 32)
+    with pytest.raises(FedLatentError, match="norm must be batchnorm or none"):
+        get_model("vgg11:norm=instancenorm", 3, 10, 96)
+    big = get_model("vgg11", 3, 10, 96)
+    assert not any(isinstance(l, (nn.GroupNorm, nn.BatchNorm2d)) for l in big.modules())
+    assert any(isinstance(l, nn.BatchNorm2d) for l in get_model("vgg11:norm=batchnorm", 3, 10, 96).modules())
+
+
 @pytest.mark.parametrize("spec,match", [
     ("transformer", "unknown architecture 'transformer'"),
     ("convnet:width", "not key=value"),

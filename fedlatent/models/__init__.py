@@ -8,7 +8,10 @@ is what the trajectory-matching engine needs.
 * ``convnet`` / ``convnet-d3|d4|d5``: the ConvNet of MTT/GLaD: depth x [conv3x3(width) ->
   instance norm (GroupNorm(width, width), affine) -> ReLU -> AvgPool 2x2] -> linear. ``convnet``
   picks the depth from the image size (3 up to 32 px, 4 at 64 px, 5 at 128 px).
-* ``resnet18``, ``vgg11``, ``alexnet``: torchvision definitions adapted to small inputs.
+* ``resnet18``, ``vgg11``, ``alexnet``: torchvision definitions adapted to small inputs. ``vgg11``
+  up to 64 px has instance norm after every conv by default (the VGG-11 of the dataset-distillation
+  literature's cross-architecture tables); ``vgg11:norm=batchnorm`` / ``vgg11:norm=none`` (plain
+  VGG-11 "A", which rarely trains on a few hundred images).
 """
 from __future__ import annotations
 
@@ -71,8 +74,21 @@ def _resnet18(channels: int, num_classes: int, image_size: int, **kw) -> nn.Modu
     return m
 
 
+def _norm(kind: str, width: int) -> list[nn.Module]:
+    if kind == "instancenorm":
+        return [nn.GroupNorm(width, width, affine=True)]
+    if kind == "batchnorm":
+        return [nn.BatchNorm2d(width)]
+    if kind == "none":
+        return []
+    raise FedLatentError(f"unknown norm {kind!r} (instancenorm, batchnorm, none)")
+
+
 class VGG11(nn.Module):
-    """VGG-11 (configuration "A", no batch norm) for small inputs: conv stack -> global pool -> linear.
+    """VGG-11 (configuration "A") for small inputs: [conv3x3 -> norm -> ReLU, max-pools] -> global pool -> linear.
+
+    ``norm``: ``instancenorm`` (default; GroupNorm(C, C), affine - the VGG-11 that MTT and GLaD train on
+    distilled sets), ``batchnorm`` or ``none`` (torchvision's plain VGG-11).
 
     The layer names (``features``, ``avgpool``, ``classifier``) and the initialisation follow
     torchvision's VGG; built directly so that torchvision's 120M-parameter 4096-wide head is never
@@ -81,7 +97,7 @@ class VGG11(nn.Module):
 
     CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
-    def __init__(self, channels: int, num_classes: int, image_size: int):
+    def __init__(self, channels: int, num_classes: int, image_size: int, norm: str = "instancenorm"):
         super().__init__()
         layers: list[nn.Module] = []
         c = channels
@@ -91,7 +107,7 @@ class VGG11(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c, v, kernel_size=3, padding=pad), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, v, kernel_size=3, padding=pad), *_norm(norm, v), nn.ReLU(inplace=True)]
                 c, pad = v, 1
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -108,14 +124,17 @@ class VGG11(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-def _vgg11(channels: int, num_classes: int, image_size: int, **kw) -> nn.Module:
+def _vgg11(channels: int, num_classes: int, image_size: int, norm: str | None = None) -> nn.Module:
     if image_size <= 64:
         # Small inputs: keep the conv stack, pool to 1x1 and use a single linear head (as in
         # the dataset-distillation literature's VGG-11 for 32 px).
-        return VGG11(channels, num_classes, image_size)
-    from torchvision.models import vgg11
+        return VGG11(channels, num_classes, image_size, norm=norm or "instancenorm")
+    from torchvision.models import vgg11, vgg11_bn
 
-    m = vgg11(weights=None, num_classes=num_classes)
+    norm = norm or "none"  # torchvision's VGG-11 (its 4096-wide head) above 64 px
+    if norm not in ("batchnorm", "none"):
+        raise FedLatentError(f"vgg11 at {image_size} px is torchvision's: norm must be batchnorm or none, not {norm!r}")
+    m = (vgg11_bn if norm == "batchnorm" else vgg11)(weights=None, num_classes=num_classes)
     m.features[0] = nn.Conv2d(channels, 64, kernel_size=3, padding=1)
     return m
 
