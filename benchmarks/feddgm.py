@@ -105,6 +105,12 @@ def rounds_to(rows, target: float) -> int | None:
     return None
 
 
+def last_mean(curve, k: int = 3) -> float:
+    """Mean accuracy of the last ``k`` evaluated rounds (less noisy than the final round alone)."""
+    acc = [a for _, a in curve if a is not None][-k:]
+    return sum(acc) / max(1, len(acc))
+
+
 def speed(data, a, opts: dict) -> dict:
     """Seconds per iteration of all clients' MTT, looped vs batched, on identical distillers."""
     from fedlatent.fl.base import FLConfig, FLContext, Upload
@@ -244,17 +250,17 @@ def print_tables(results: dict) -> None:
     cells = results["cells"]
     if cells:
         methods = list(dict.fromkeys(m for c in cells for m in c["runs"]))
-        print("\nFinal accuracy (rounds to FedAvg's final accuracy)")
-        print(f"{'dataset':<14}{'alpha':>6}  {'FedDGM space':<14}" + "".join(f"{m:>22}" for m in methods))
+        print("\nFinal accuracy (rounds to FedAvg's final accuracy) [mean of the last 3 rounds]")
+        print(f"{'dataset':<14}{'alpha':>6}  {'FedDGM space':<14}" + "".join(f"{m:>30}" for m in methods))
         for c in cells:
             row = f"{c['dataset']:<14}{c['alpha']:>6}  {str(c.get('space') or 'default'):<14}"
             for m in methods:
                 r = c["runs"].get(m)
                 if r is None:
-                    row += f"{'-':>22}"
+                    row += f"{'-':>30}"
                     continue
                 rt = r.get("rounds_to_fedavg_final")
-                row += f"{100 * r['final']:>13.2f} ({'-' if rt is None else rt:>4})  "
+                row += f"{100 * r['final']:>13.2f} ({'-' if rt is None else rt:>4}) [{100 * last_mean(r['curve']):5.2f}]"
             print(row)
         xs = [c for c in cells if c.get("cross_arch")]
         if xs:
