@@ -10,8 +10,8 @@ draws from the private part).
 
 Tables printed and written to ``--out/results.json``:
 
-1. final accuracy per method, and the rounds each method needs to reach FedAvg's final accuracy
-   ("-" when it never does);
+1. final accuracy per method, the rounds each method needs to reach FedAvg's final accuracy
+   ("-" when it never does) and the mean of the last 3 rounds; the curves go to ``--out/curves.png``;
 2. cross-architecture: ConvNet-D3, ResNet-18 and VGG-11 trained on FedDGM's exported set vs on a random real
    subset of equal size (``ipc * clients`` real images per class), real test accuracy mean +- std over seeds;
 3. ``--speed``: seconds per MTT iteration of all clients, looped vs batched (vmap), and the largest
@@ -243,7 +243,37 @@ def main(argv=None) -> int:
             results["speed"].append({"dataset": name, **speed(data, a, {**opts, "generator": gen, "space": space})})
             write_json(out / "results.json", results)
     print_tables(results)
+    if results["cells"]:
+        plot_cells(results["cells"], out / "curves.png")
+        print(f"\naccuracy curves: {out / 'curves.png'}")
     return 0
+
+
+def plot_cells(cells: list[dict], path: Path) -> None:
+    """Accuracy vs round of every method, one panel per (dataset, alpha) cell; PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cells = [c for c in cells if c.get("runs")]
+    if not cells:
+        return
+    cols = min(2, len(cells))
+    rows = (len(cells) + cols - 1) // cols
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, c in enumerate(cells):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for m, r in c["runs"].items():
+            xs, ys = zip(*[(x, 100 * y) for x, y in r["curve"]])
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"{m} ({100 * r['final']:.1f})")
+        ax.set_title(f"{c['dataset']}, alpha={c['alpha']}", fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
 
 
 def print_tables(results: dict) -> None:
