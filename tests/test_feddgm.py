@@ -251,6 +251,18 @@ def test_end_to_end_writes_the_run_folder(tiny_run):
     assert res.final_accuracy == rows[-1]["accuracy"]
 
 
+def test_run_folder_names_the_callers_data(digits16, tmp_path):
+    """Data passed from Python: config.json and report.md name that data set, not the ``dataset`` default."""
+    import dataclasses
+
+    from fedlatent.fl.feddgm import distill_federated
+
+    mine = dataclasses.replace(digits16, name="my-digits")
+    distill_federated(data=mine, generator="digits", out=tmp_path / "r", progress=False, **{**TINY, "rounds": 0})
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["distill"]["dataset"] == "my-digits"
+    assert "dataset: `my-digits`" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_clients_never_hold_the_generators_public_split(digits16):
     """The digits generator was trained on a public split; FedDGM's clients get exactly the complement."""
     from fedlatent.fl.feddgm import private_training_data

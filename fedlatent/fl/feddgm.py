@@ -1128,6 +1128,8 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
         if image_size is None and dataset == "digits":
             image_size = 16
         data = load_dataset(dataset, root=data_root, resize=image_size)
+    elif resume is None:  # the caller's data: record its name, not the ``dataset`` argument's default
+        dataset, data_root = data.name, None
     space = meth_opts.get("space")
     generator = meth_opts.get("generator")
     if generator is None and str(space).lower() != "pixel":
