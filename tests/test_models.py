@@ -71,7 +71,7 @@ def test_vgg11_norms():
     # 28 px: the first conv pads to 32 so that the five pools fit; no norm adds only 2 * sum(cfg) parameters
     assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in get_model("vgg11:norm=none", 3, 10, 32)
                                                        .parameters()) == 2 * sum(cfg)
-    with pytest.raises(FedLatentError, match="unknown norm 'layer'"):
+    with pytest.raises(FedLatentError, match="unknown VGG-11 norm 'layer'"):
         get_model("vgg11:norm=layer", 3, 10, 32)
     with pytest.raises(FedLatentError, match="norm must be batchnorm or none"):
         get_model("vgg11:norm=instancenorm", 3, 10, 96)

@@ -23,6 +23,18 @@ from torch import nn
 from ..utils import FedLatentError
 
 
+def _norm(kind: str, width: int, model: str) -> list[nn.Module]:
+    """The normalisation layer after a ``width``-channel conv: instance norm (GroupNorm(width, width), affine),
+    batch norm or none."""
+    if kind == "instancenorm":
+        return [nn.GroupNorm(width, width, affine=True)]
+    if kind == "batchnorm":
+        return [nn.BatchNorm2d(width)]
+    if kind == "none":
+        return []
+    raise FedLatentError(f"unknown {model} norm {kind!r} (instancenorm, batchnorm, none)")
+
+
 class ConvNet(nn.Module):
     """ConvNet-D{depth} (Gidaris & Komodakis; the student network of MTT and GLaD)."""
 
@@ -32,14 +44,7 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         c, s = channels, image_size
         for _ in range(depth):
-            layers.append(nn.Conv2d(c, width, kernel_size=3, padding=1))
-            if norm == "instancenorm":
-                layers.append(nn.GroupNorm(width, width, affine=True))
-            elif norm == "batchnorm":
-                layers.append(nn.BatchNorm2d(width))
-            elif norm != "none":
-                raise FedLatentError(f"unknown ConvNet norm {norm!r} (instancenorm, batchnorm, none)")
-            layers.append(nn.ReLU())
+            layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), *_norm(norm, width, "ConvNet"), nn.ReLU()]
             if pooling == "avgpool":
                 layers.append(nn.AvgPool2d(2, 2))
                 s //= 2
@@ -74,16 +79,6 @@ def _resnet18(channels: int, num_classes: int, image_size: int, **kw) -> nn.Modu
     return m
 
 
-def _norm(kind: str, width: int) -> list[nn.Module]:
-    if kind == "instancenorm":
-        return [nn.GroupNorm(width, width, affine=True)]
-    if kind == "batchnorm":
-        return [nn.BatchNorm2d(width)]
-    if kind == "none":
-        return []
-    raise FedLatentError(f"unknown norm {kind!r} (instancenorm, batchnorm, none)")
-
-
 class VGG11(nn.Module):
     """VGG-11 (configuration "A") for small inputs: [conv3x3 -> norm -> ReLU, max-pools] -> global pool -> linear.
 
@@ -107,7 +102,7 @@ class VGG11(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c, v, kernel_size=3, padding=pad), *_norm(norm, v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, v, kernel_size=3, padding=pad), *_norm(norm, v, "VGG-11"), nn.ReLU(inplace=True)]
                 c, pad = v, 1
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
