@@ -81,6 +81,13 @@ class FLConfig:
     # Seeded stratified public split of the training set, disjoint from the clients' data (FedDF transfer
     # set, FedMD public data); 0 = no public split.
     public_fraction: float = 0.0
+    # Client-side DP-SGD (fedlatent.privacy.dp, Opacus): per-sample clip C, noise multiplier sigma or a target
+    # epsilon per client over the whole run (sigma calibrated per client), delta.
+    dp: bool = False
+    dp_clip: float = 1.0
+    dp_noise: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
 
     def check(self) -> "FLConfig":
         """Raise FedLatentError on an invalid option; returns self."""
@@ -109,6 +116,10 @@ class FLConfig:
             bad("norm_factor must be > 1 and norm_cap > 0")
         if not 0.0 <= self.public_fraction < 1.0:
             bad(f"public_fraction must be in [0, 1), got {self.public_fraction}")
+        if self.dp and (self.dp_noise is None) == (self.dp_epsilon is None):
+            bad("dp needs exactly one of dp_noise (noise multiplier) and dp_epsilon (target epsilon)")
+        if not self.dp_clip > 0 or not 0 < self.dp_delta < 1 or (self.dp_noise or 0) < 0 or (self.dp_epsilon or 1) <= 0:
+            bad("dp_clip must be > 0, dp_delta in (0, 1), dp_noise >= 0 and dp_epsilon > 0")
         if self.client_models is not None and not str(self.client_models).strip():
             bad("client_models must not be empty (leave it unset for a homogeneous run)")
         return self

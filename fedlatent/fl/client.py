@@ -34,6 +34,7 @@ def local_train(
     weight_decay: float = 0.0,
     global_params: Mapping[str, torch.Tensor] | None = None,
     mu: float = 0.0,
+    privacy: object | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on (x, y) with mini-batch SGD; returns {"train_loss", "steps"}.
 
@@ -41,7 +42,14 @@ def local_train(
     ``global_params`` maps parameter names to w_g). Weight decay is SGD's L2 term. The batch order of
     every epoch is ``torch.randperm`` drawn from ``generator`` (a CPU generator), the last batch may be
     smaller. ``train_loss`` is the mean cross-entropy over all samples seen (prox term excluded).
+    ``privacy`` (a :class:`fedlatent.privacy.dp.ClientPrivacy`) makes it DP-SGD instead.
     """
+    if privacy is not None:
+        from ..privacy.dp import dp_local_train
+
+        return dp_local_train(model, x, y, privacy=privacy, epochs=epochs, lr=lr, batch_size=batch_size,
+                              generator=generator, momentum=momentum, weight_decay=weight_decay,
+                              global_params=global_params, mu=mu)
     n = int(y.shape[0])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,6 +77,15 @@ def local_train(
     return {"train_loss": float(loss_sum) / seen if seen else math.nan, "steps": float(steps)}
 
 
+def _privacy(ctx: FLContext, client_id: int):
+    """The client's DP-SGD settings (None without ``config.dp``)."""
+    if not getattr(ctx.config, "dp", False):
+        return None
+    from ..privacy.dp import client_privacy
+
+    return client_privacy(ctx, client_id)
+
+
 _TEMPLATES: dict[tuple, nn.Module] = {}
 
 
@@ -93,7 +110,7 @@ def train_client(ctx: FLContext, rnd: int, payload: TensorDict, data: ClientData
         model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         generator=torch_generator(cfg.seed, "client", rnd, data.client_id),
-        global_params=payload if mu > 0 else None, mu=mu,
+        global_params=payload if mu > 0 else None, mu=mu, privacy=_privacy(ctx, data.client_id),
     )
     tensors = {k: v.detach() for k, v in model.state_dict().items()}  # the model is private: no copy needed
     return Upload(client_id=data.client_id, tensors=tensors, num_samples=len(data), metrics=metrics)

@@ -64,7 +64,7 @@ from ..distill.pixels import fit_on_set
 from ..models.functional import FlatModel
 from ..utils import FedLatentError, atomic_write, derive_seed, sha256_file, torch_generator
 from .base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
-from .client import client_model, local_train
+from .client import _privacy, client_model, local_train
 
 log = logging.getLogger("fedlatent.fl.feddgm")
 
@@ -712,7 +712,8 @@ class FedDGM(Strategy):
         flat.load(start)
         metrics = local_train(model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              generator=torch_generator(cfg.seed, "client", rnd, data.client_id))
+                              generator=torch_generator(cfg.seed, "client", rnd, data.client_id),
+                              privacy=_privacy(ctx, data.client_id))
         return Upload(client_id=data.client_id, tensors={"start": start.clone(), "end": flat.flatten()},
                       num_samples=len(data), metrics=metrics)
 

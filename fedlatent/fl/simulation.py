@@ -341,6 +341,9 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         extra: dict[str, Any] = {}
         if accepted:
             extra = dict(strategy.aggregate(rnd, accepted) or {})
+        if cfg.dp:  # per-client privacy accounting (fedlatent.privacy.dp)
+            from ..privacy.dp import round_columns
+            extra.update(round_columns(cfg, ctx.client_sizes, rnd, accepted))
         else:
             log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
         losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
