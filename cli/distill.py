@@ -8,6 +8,8 @@ import click
 from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
+from ._privacy import pop_privacy, privacy_options, run_audit
+
 
 def _parse_option(text: str) -> tuple[str, object]:
     key, eq, value = text.partition("=")
@@ -77,6 +79,7 @@ def _parse_option(text: str) -> tuple[str, object]:
                    "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
                    "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@privacy_options
 @click_options
 def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
             ipc, iterations, syn_steps, generator, space, surrogate, global_model, train_epochs, batched, seed, device,
@@ -114,6 +117,8 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
     for text in options:
         k, v = _parse_option(text)
         opts[k] = v
+    dp, audit = pop_privacy(backend_options)
+    opts.update(dp)
     backend = backend_from_cli(**backend_options)
     try:
         if resume is not None:
@@ -131,6 +136,8 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    if audit and result.out_dir is not None:
+        run_audit(result.out_dir, data_root=data_root, progress=not no_progress)
 
 
 COMMANDS = [distill]

@@ -10,6 +10,8 @@ from fedlatent.fl.base import FLConfig
 from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
+from ._privacy import pop_privacy, privacy_options, run_audit
+
 _D = FLConfig()  # option defaults come from the config dataclass, so the CLI and the API agree
 
 
@@ -92,6 +94,7 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Run folder to write. [default: runs/<method>-<dataset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@privacy_options
 @click_options
 def simulate(method, dataset, data_root, image_size, clients, partition, alpha, min_size, classes_per_client, rounds,
              participation, local_epochs, lr, momentum, weight_decay, batch_size, mu, method_options, model,
@@ -123,6 +126,7 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
     if out is None:
         safe = dataset.replace(":", "_").replace("/", "_")
         out = f"runs/{method}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dp, audit = pop_privacy(backend_options)
     backend = backend_from_cli(**backend_options)
     try:
         result = run(
@@ -131,12 +135,14 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
             clients=clients, partition=partition, alpha=alpha, min_size=min_size, classes_per_client=classes_per_client,
             rounds=rounds, participation=participation, local_epochs=local_epochs, lr=lr, momentum=momentum,
             weight_decay=weight_decay, batch_size=batch_size, model=model, eval_every=eval_every, seed=seed,
-            device=device, client_models=client_models, public_fraction=public_fraction, backend=backend or "serial",
+            device=device, client_models=client_models, public_fraction=public_fraction, backend=backend or "serial", **dp,
         )
     finally:
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    if audit:
+        run_audit(result.out_dir, data_root=data_root, progress=not quiet)
 
 
 COMMANDS = [simulate]

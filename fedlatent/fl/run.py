@@ -147,7 +147,8 @@ class RunFolder:
     never wipe unrelated files).
     """
 
-    FILES = ("config.json", "metrics.csv", "accuracy.png", "partition.csv", "partition.png", "summary.json")
+    FILES = ("config.json", "metrics.csv", "accuracy.png", "partition.csv", "partition.png", "summary.json",
+             "model.safetensors")
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
         self.path = self.check(path, overwrite)

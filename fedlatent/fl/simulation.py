@@ -341,11 +341,11 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         extra: dict[str, Any] = {}
         if accepted:
             extra = dict(strategy.aggregate(rnd, accepted) or {})
+        else:
+            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
         if cfg.dp:  # per-client privacy accounting (fedlatent.privacy.dp)
             from ..privacy.dp import round_columns
             extra.update(round_columns(cfg, ctx.client_sizes, rnd, accepted))
-        else:
-            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
         losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
         losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
         train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
@@ -387,6 +387,8 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         summary["client_sizes"] = ctx.client_sizes
         if client_models is not None:
             summary["client_models"] = client_models
+        from ..privacy.model_io import save_global_model
+        save_global_model(run.path, strategy)  # the final global model (privacy audit); before summary.json
         run.write_summary(summary)
     return result
 
@@ -427,7 +429,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
         if image_size is None and dataset == "digits":
             image_size = 16
         data = load_dataset(dataset, root=data_root, resize=image_size)
-    info = {"dataset_name": dataset, "image_size_requested": image_size}
+    info = {"dataset_name": dataset, "image_size_requested": image_size,
+            "data_root": None if data_root is None else str(data_root)}
     if runner is not None:
         info["backend"] = runner.describe()
         runner.attach(strategy)
