@@ -117,7 +117,7 @@ def client_privacy(ctx: Any, client_id: int) -> ClientPrivacy | None:
         sigma = float(cfg.dp_noise)
     else:  # a client that never trains releases nothing: its sigma is irrelevant
         total = steps * planned
-        sigma = calibrate(float(cfg.dp_epsilon), float(cfg.dp_delta), q, total) if total else 1.0
+        sigma = calibrate(float(cfg.dp_epsilon), float(cfg.dp_delta), q, total) if total else 0.0
     return ClientPrivacy(client_id, sigma, float(cfg.dp_clip), float(cfg.dp_delta), q, steps, planned)
 
 
