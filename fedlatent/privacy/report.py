@@ -71,8 +71,9 @@ def privacy_markdown(r: Mapping[str, Any]) -> str:
                   f"DP-SGD with clip {dp['clip']}, "
                   + (f"noise multiplier {dp['noise_multiplier']}" if dp["noise_multiplier"] is not None
                      else f"target ε {dp['target_epsilon']} per client (σ calibrated per client, max {_f(dp['sigma_max'], '.3f')})")
-                  + f", δ {dp['delta']}: ε spent per client (RDP accountant) max **{_f(dp['epsilon_max'], '.3f')}**; "
-                  + ", ".join(f"c{c} {_f(e, '.2f')}" for c, e in sorted(eps.items())) + ".", "", DP_SCOPE, ""]
+                  + (f", δ {dp['delta']}: ε spent per client (RDP accountant) max **{_f(dp['epsilon_max'], '.3f')}**; "
+                     + ", ".join(f"c{c} {_f(e, '.2f')}" for c, e in sorted(eps.items())) + "." if eps else
+                     f", δ {dp['delta']}: no client has trained yet (ε = 0)."), "", DP_SCOPE, ""]
     else:
         lines += ["No differential privacy in this run (`--dp` off): the uploads carry no formal guarantee.", ""]
     return "\n".join(lines).rstrip()
