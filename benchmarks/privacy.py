@@ -65,14 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cells(a):
-    """(dataset, alpha, method, epsilon or None) in the order they run: table 1 first, then table 2."""
+    """(dataset, alpha, method, epsilon or None) in the order they run: per alpha, table 1's cells then table 2's."""
     for name in a.datasets:
         for alpha in a.alphas:
             for m in a.methods:
                 yield name, alpha, m, None
-        for alpha in a.alphas:
-            for eps in a.epsilons:
-                for m in a.dp_methods:
+            for m in a.dp_methods:
+                for eps in a.epsilons:
                     yield name, alpha, m, eps
 
 
