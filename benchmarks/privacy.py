@@ -42,17 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=_list(str), default=["fedavg", "dynafed", "feddgm"], help="[%(default)s]")
     p.add_argument("--dp-methods", type=_list(str), default=["fedavg", "feddgm"], help="[%(default)s]")
     p.add_argument("--epsilons", type=_list(float), default=[8.0, 2.0], help="target epsilon per client [%(default)s]")
+    p.add_argument("--dp-alphas", type=_list(float), default=[0.1, 0.01], help="alphas of table 2 [%(default)s]")
+    p.add_argument("--tables", default="12", help="which tables' runs: 1, 2 or 12 [%(default)s]")
     p.add_argument("--dp-clip", type=float, default=1.0, help="[%(default)s]")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="[%(default)s]")
-    p.add_argument("--clients", type=int, default=10, help="[%(default)s]")
-    p.add_argument("--rounds", type=int, default=6, help="[%(default)s]")
+    p.add_argument("--clients", type=int, default=5, help="[%(default)s]")
+    p.add_argument("--rounds", type=int, default=4, help="[%(default)s]")
     p.add_argument("--local-epochs", type=int, default=2, help="[%(default)s]")
     p.add_argument("--lr", type=float, default=0.01, help="[%(default)s]")
     p.add_argument("--batch-size", type=int, default=64, help="[%(default)s]")
     p.add_argument("--model", default="convnet-d3:width=32", help="global model = FedDGM surrogate [%(default)s]")
-    p.add_argument("--train-subsample", type=int, default=3000, help="[%(default)s]")
+    p.add_argument("--train-subsample", type=int, default=2000, help="[%(default)s]")
     p.add_argument("--test-subsample", type=int, default=2000, help="[%(default)s]")
-    p.add_argument("--dynafed-iterations", type=int, default=60, help="[%(default)s]")
+    p.add_argument("--dynafed-iterations", type=int, default=30, help="[%(default)s]")
+    p.add_argument("--feddgm-iterations", type=int, default=10, help="MTT iterations per client and round [%(default)s]")
     p.add_argument("--members", type=int, default=500, help="MIA members (= non-members) [%(default)s]")
     p.add_argument("--shadows", type=int, default=4, help="LiRA shadow models [%(default)s]")
     p.add_argument("--shadow-epochs", type=int, default=15, help="[%(default)s]")
@@ -68,11 +71,13 @@ def cells(a):
     """(dataset, alpha, method, epsilon or None) in the order they run: per alpha, table 1's cells then table 2's."""
     for name in a.datasets:
         for alpha in a.alphas:
-            for m in a.methods:
-                yield name, alpha, m, None
-            for m in a.dp_methods:
-                for eps in a.epsilons:
-                    yield name, alpha, m, eps
+            if "1" in a.tables:
+                for m in a.methods:
+                    yield name, alpha, m, None
+            if "2" in a.tables and alpha in a.dp_alphas:
+                for m in a.dp_methods:
+                    for eps in a.epsilons:
+                        yield name, alpha, m, eps
 
 
 def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
@@ -86,7 +91,7 @@ def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
         common.update(dp=True, dp_epsilon=eps, dp_clip=a.dp_clip, dp_delta=a.dp_delta)
     if method == "feddgm":
         distill_federated(data=data, preset="cpu", out=run_dir, overwrite=True, progress=False, exclude_public=False,
-                          surrogate=a.model, **common)
+                          surrogate=a.model, iterations=a.feddgm_iterations, **common)
     elif method == "dynafed":
         simulate("dynafed", dataset=name, data=data, out=run_dir, overwrite=True, progress=False,
                  method_options={"synth_round": max(3, a.rounds // 2), "iterations": a.dynafed_iterations,
