@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy"))
     p.add_argument("--results", default=None, help="results JSON [OUT/results.json]")
+    p.add_argument("--merge", type=_list(str), default=None,
+                   help="only print the tables of these results JSONs (runs split over several processes) and write "
+                        "their union to --results")
     p.add_argument("--skip-existing", action="store_true", help="reuse finished runs and audits in --out")
     return p.parse_args(argv)
 
@@ -103,6 +106,13 @@ def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
 def main(argv=None) -> int:
     from fedlatent.fl.feddgm import default_generator, private_training_data
     a = parse_args(argv)
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge if Path(f).is_file()]
+        rows = [r for part in parts for r in part["rows"]]
+        if a.results:
+            write_json(Path(a.results), {**parts[0], "rows": rows, "merged": len(parts)})
+        print_tables(rows)
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
