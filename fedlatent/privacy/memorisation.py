@@ -15,7 +15,10 @@ real images no client and no reference saw (``control`` rows), is what a non-mem
 
 A near-copy is flagged when, in either space, d_mem(s) is below ``copy_quantile`` (default 1 %) of the same
 distance for the held-out images themselves: s is closer to a client's training image than 99 % of genuinely
-unseen images of its class are.
+unseen images of its class are. By construction an image that copies nothing is flagged with probability about
+``copy_quantile`` per space (up to twice that in either space), so a few flags in a set of hundreds are expected
+at chance; the flags are for looking at the pairs (``closest_pairs.png``), an exact or near-exact copy has a
+distance near 0.
 """
 from __future__ import annotations
 

@@ -59,7 +59,9 @@ def privacy_markdown(r: Mapping[str, Any]) -> str:
                              f"{_f(100 * s['frac_ratio_below_1'], '.1f')} % | {_f(100 * s['frac_ratio_below_0.5'], '.1f')} % "
                              f"| {s['flagged']} |")
         lines += ["", f"Near-copies (closer to a client image than {100 * (1 - mem['copy_quantile']):.0f} % of "
-                  f"held-out images of the class are, in either space): **{mem['near_copies']}**"
+                  f"held-out images of the class are, in either space): **{mem['near_copies']}** (a set that copies "
+                  f"nothing gets about {100 * mem['copy_quantile']:.0f}-{200 * mem['copy_quantile']:.0f} % of its images "
+                  f"flagged by chance, up to {2 * mem['copy_quantile'] * mem['n_synthetic']:.1f} here; look at the pairs)"
                   + (f" (synthetic images {mem['flagged_images'][:20]})" if mem["near_copies"] else "")
                   + ". Closest pairs: `closest_pairs.png`.", ""]
     elif "memorisation" in r:
