@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", type=_list(str), default=None,
                    help="only print the tables of these results JSONs (runs split over several processes) and write "
                         "their union to --results")
+    p.add_argument("--merge-runs", type=_list(str), default=None, help="run roots searched by --merge for privacy.json")
     p.add_argument("--skip-existing", action="store_true", help="reuse finished runs and audits in --out")
     return p.parse_args(argv)
 
@@ -109,6 +110,13 @@ def main(argv=None) -> int:
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge if Path(f).is_file()]
         rows = [r for part in parts for r in part["rows"]]
+        for r in rows:  # the chance level of the memorisation ratio, from the runs' privacy.json when at hand
+            for root in a.merge_runs or []:
+                pj = Path(root) / r["run"] / "privacy.json"
+                if pj.is_file() and (json.loads(pj.read_text()).get("memorisation") or {}):
+                    mem = json.loads(pj.read_text())["memorisation"]
+                    r["control_pixel"] = mem["pixel"]["control_ratio_median"]
+                    r["control_feature"] = mem["feature"]["control_ratio_median"]
         if a.results:
             write_json(Path(a.results), {**parts[0], "rows": rows, "merged": len(parts)})
         print_tables(rows)
@@ -175,10 +183,12 @@ def _f(v, spec=".3f"):
 def print_tables(rows: list[dict]) -> None:
     t1 = [r for r in rows if r["epsilon"] is None]
     print("\n| dataset | α | method | final acc % | MIA AUC loss / conf / LiRA | TPR@1%FPR LiRA | NN ratio pixel / feature "
-          "(median) | near-copies |")
+          "(median; control) | near-copies |")
     print("|---|---:|---|---:|---|---:|---|---:|")
     for r in t1:
-        mem = (f"{_f(r.get('mem_ratio_median_pixel'), '.2f')} / {_f(r.get('mem_ratio_median_feature'), '.2f')}"
+        ctl = (f" ({_f(r.get('control_pixel'), '.2f')} / {_f(r.get('control_feature'), '.2f')})"
+               if "control_pixel" in r else "")
+        mem = (f"{_f(r.get('mem_ratio_median_pixel'), '.2f')} / {_f(r.get('mem_ratio_median_feature'), '.2f')}{ctl}"
                if "synthetic" in r else "– (no synthetic set)")
         nc = f"{r['near_copies']} / {r['synthetic']}" if "synthetic" in r else "–"
         print(f"| {r['dataset']} | {r['alpha']} | {r['method']} | {100 * r['final']:.2f} | {_f(r.get('loss_auc'))} / "
