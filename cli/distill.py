@@ -45,8 +45,8 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--iterations", type=click.IntRange(0), default=None, help="MTT iterations per client and round.")
 @click.option("--syn-steps", type=click.IntRange(1), default=None, help="Student steps per MTT iteration.")
 @click.option("--generator", default=None,
-              help="Generator: a name from `fedlatent pretrained list` or a checkpoint path. [default: the "
-                   "dataset's built-in generator, e.g. 'digits']")
+              help="Generator: a name from `fedlatent pretrained list`, a checkpoint path, or 'random[:width=64,"
+                   "seed=0]' (an untrained prior). [default: the dataset's built-in generator, e.g. 'digits']")
 @click.option("--space", default=None,
               help="Latent space: F<k> (features after k generator layers), W+, or pixel. [default: F_{L//3} for a "
                    "built-in generator, F5 for StyleGAN-XL]")

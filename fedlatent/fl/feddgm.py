@@ -454,7 +454,7 @@ def save_class_grid(path: str | os.PathLike, images: torch.Tensor, labels: torch
 
 def generator_identity(name: str | None) -> tuple[str, str | None, dict | None]:
     """(name, sha256, manifest entry or None) of a manifest name or checkpoint path."""
-    from ..generators.registry import entry_path, read_manifest
+    from ..generators.registry import checkpoint_entry, entry_path, read_manifest
 
     if name is None:
         return "", None, None
@@ -467,7 +467,7 @@ def generator_identity(name: str | None) -> tuple[str, str | None, dict | None]:
             sha = sha256_file(p)
         return name, sha, entry
     p = Path(name).expanduser()
-    return name, (sha256_file(p) if p.is_file() else None), None
+    return name, (sha256_file(p) if p.is_file() else None), checkpoint_entry(p)
 
 
 def default_generator(dataset: str) -> str | None:
@@ -657,6 +657,7 @@ class FedDGM(Strategy):
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self, ctx: FLContext) -> None:
         from ..generators import load_generator
+        from ..generators.registry import complete_generator_spec, no_generator_message
         from ..generators.latent import PIXEL, parse_space
 
         super().setup(ctx)
@@ -666,8 +667,8 @@ class FedDGM(Strategy):
             if name is None:
                 name = default_generator(self.dataset or "")
             if name is None:
-                raise FedLatentError("feddgm: no generator given and none is known for this dataset; pass "
-                                     "generator=NAME|PATH (fedlatent pretrained list) or space='pixel'")
+                raise FedLatentError("feddgm: " + no_generator_message(self.dataset or "DATASET"))
+            name = complete_generator_spec(name, ctx.channels, ctx.image_size, ctx.num_classes)  # random:...
             self.G = load_generator(name, device=ctx.device)
             self._g_source = (name, self.G)  # worker_view ships this G by name (a worker loads it itself)
             self.generator_name = name
@@ -1135,8 +1136,9 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
     if generator is None and str(space).lower() != "pixel":
         generator = default_generator(data.name)
         if generator is None:
-            raise FedLatentError(f"no generator for {data.name!r} in pretrained/MANIFEST.json; pass --generator "
-                                 "NAME|PATH or --space pixel")
+            from ..generators.registry import no_generator_message
+
+            raise FedLatentError(no_generator_message(dataset if dataset.startswith("npz:") else data.name, data_root))
         meth_opts["generator"] = generator
     excluded = None
     if exclude_public:
