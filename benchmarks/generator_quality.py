@@ -33,7 +33,7 @@ from fedlatent.data import load_dataset  # noqa: E402
 from fedlatent.generators import load_generator, read_manifest  # noqa: E402
 from fedlatent.generators.builtin import read_builtin_metadata  # noqa: E402
 from fedlatent.generators.quality import (  # noqa: E402
-    METRICS, QualityConfig, QualityEvaluator, format_quality, save_grid,
+    QualityConfig, QualityEvaluator, format_quality, save_grid,
 )
 from fedlatent.utils import atomic_write_text  # noqa: E402
 
@@ -57,6 +57,34 @@ def generator_record(name: str) -> dict:
     return {}
 
 
+def plot_curve(curve: str | Path, png: str | Path) -> Path:
+    """Quality against training time from a ``fedlatent pretrain --eval-every`` log (``*.curve.jsonl``), one panel
+    per metric, the real-vs-real ceiling dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(t) for t in Path(curve).read_text().splitlines() if t.strip()]
+    ceiling = next((r["ceiling"] for r in lines if "ceiling" in r), {})
+    pts = [r for r in lines if "train_seconds" in r]
+    keys = [k for k in ("fidelity", "coverage", "recall", "precision", "fd", "gan_train") if any(k in r for r in pts)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        xs = [r["train_seconds"] / 60 for r in pts if k in r]
+        ax.plot(xs, [r[k] for r in pts if k in r], "o-", ms=3)
+        if k in ceiling:
+            ax.axhline(ceiling[k], ls="--", c="gray", lw=1, label="real vs real")
+        ax.set_title(k)
+        ax.set_xlabel("training minutes")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="digits,mnist,fashion-mnist,cifar10")
@@ -76,7 +104,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-dir", default="benchmarks/results")
     ap.add_argument("--out", default="benchmarks/results/generator_quality.json")
+    ap.add_argument("--curve", default=None, help="plot a pretrain quality log (*.curve.jsonl) and exit")
+    ap.add_argument("--curve-png", default="benchmarks/results/generator_curve.png")
     args = ap.parse_args(argv)
+    if args.curve:
+        print(f"wrote {plot_curve(args.curve, args.curve_png)}")
+        return {}
 
     chosen: dict[str, list[str]] = {}
     for part in filter(None, args.generators.split(",")):
@@ -138,7 +171,7 @@ def main(argv=None) -> dict:
     return report
 
 
-__all__ = ["main", "METRICS"]
+__all__ = ["main", "plot_curve"]
 
 if __name__ == "__main__":
     main()

@@ -203,10 +203,10 @@ class TrainConfig:
     ema_beta: float = 0.999
     d_channels: int = 32
     d_channels_max: int = 128
-    mbstd_group: int = 0  # minibatch-std group size in D (0: off)
+    mbstd_group: int = 4  # minibatch-std group size in D (0: off)
     r1_gamma: float = 0.0  # R1 penalty weight (0: off), applied lazily every r1_every steps
     r1_every: int = 16
-    balanced: bool = False  # draw real images class-balanced (uniform class, then uniform image in it)
+    balanced: bool = True  # draw real images class-balanced (uniform class, then uniform image in it)
     seed: int = 0
     max_minutes: float | None = None
     save_every: int = 500
