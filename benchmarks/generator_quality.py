@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlatent.data import load_dataset  # noqa: E402
 from fedlatent.generators import load_generator, read_manifest  # noqa: E402
 from fedlatent.generators.builtin import read_builtin_metadata  # noqa: E402
+from fedlatent.generators.registry import complete_generator_spec, parse_random_spec  # noqa: E402
 from fedlatent.generators.quality import (  # noqa: E402
     QualityConfig, QualityEvaluator, format_quality, save_grid,
 )
@@ -89,8 +90,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="digits,mnist,fashion-mnist,cifar10")
     ap.add_argument("--generators", default="",
-                    help="dataset=name_or_path,... (a dataset may repeat: generators side by side; default: its "
-                         "manifest name)")
+                    help="dataset=name_or_path,... (';' separates when a spec holds commas; a dataset may repeat: "
+                         "generators side by side; 'random[:opts]' is an untrained prior; default: its manifest name)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--nearest-k", type=int, default=5)
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
         return {}
 
     chosen: dict[str, list[str]] = {}
-    for part in filter(None, args.generators.split(",")):
+    for part in filter(None, args.generators.split(";" if ";" in args.generators else ",")):
         k, _, v = part.partition("=")
         chosen.setdefault(k.strip(), []).append(v.strip())
     cfg = QualityConfig(per_class=args.per_class, nearest_k=args.nearest_k, classifier=args.classifier,
@@ -126,7 +127,11 @@ def main(argv=None) -> dict:
     for ds in filter(None, args.datasets.split(",")):
         names = chosen.get(ds) or [DEFAULT_GENERATORS.get(ds, ds)]
         gens = []
+        fixed = [n for n in names if parse_random_spec(n) is None]
+        res = load_generator(fixed[0]).img_resolution if fixed else None
+        data = load_dataset(ds, root=args.data_root, resize=res)
         for name in names:
+            name = complete_generator_spec(name, data.channels, data.image_size, data.num_classes)
             try:
                 gens.append((name, load_generator(name)))
             except Exception as e:  # report and continue
@@ -134,7 +139,6 @@ def main(argv=None) -> dict:
                 report["results"].setdefault(ds, {}).setdefault("errors", {})[name] = str(e)
         if not gens:
             continue
-        data = load_dataset(ds, root=args.data_root, resize=gens[0][1].img_resolution)
         t0 = time.time()
         ev = QualityEvaluator(data, cfg, progress=True)
         res = {"real": ev.ceiling, "classifier_test_acc": ev.classifier_test_acc,

@@ -164,7 +164,7 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
                              gan_train_per_class=eval_per_class, gan_train_epochs=max(1, eval_gan_train_epochs))
         click.echo("pretrain: preparing the quality evaluator (classifier on real data, real baselines)", err=True)
         ev = QualityEvaluator(data, qcfg, progress=not quiet)
-        ceiling = {k: v for k, v in ev.ceiling.items() if not k.startswith("per_class")}
+        ceiling = {k: round(v, 4) for k, v in ev.ceiling.items() if not k.startswith("per_class")}
         click.echo(f"pretrain: real-vs-real ceiling {ceiling}", err=True)
 
         def evaluate(G):
