@@ -179,9 +179,21 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
     click.echo(f"pretrain: {data.name} {data.channels}x{data.image_size}px, {data.num_classes} classes, {len(idx)} "
                f"public images (fraction {fraction:g}, seed {split_seed}), {steps} steps x batch {batch_size}"
                + (f", resuming {resume}" if resume else ""), err=True)
-    res = train_generator(data, idx, gen_cfg, cfg, out=out, info=info, progress=not quiet, device=device,
-                          state_path=state, resume=resume, evaluate=evaluate, eval_every_minutes=eval_every,
-                          curve_path=curve_path)
+    import signal
+    import threading
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `kill PID` saves like Ctrl-C
+    try:
+        res = train_generator(data, idx, gen_cfg, cfg, out=out, info=info, progress=not quiet, device=device,
+                              state_path=state, resume=resume, evaluate=evaluate, eval_every_minutes=eval_every,
+                              curve_path=curve_path)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {res.generator.num_parameters()} parameters, "
                f"{res.steps_done} steps in {res.seconds:.0f} s); training checkpoint {state}")
     if not no_manifest:
