@@ -269,7 +269,7 @@ def _load_opt(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.
 def save_train_state(path: str | os.PathLike, *, G: nn.Module, G_ema: nn.Module, D: nn.Module,
                      opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rngs: dict[str, torch.Generator],
                      step: int, seconds: float, gen_cfg: BuiltinConfig, cfg: TrainConfig, info: dict, history: list,
-                     curve: list) -> None:
+                     curve: list, cpu_seconds: float = 0.0) -> None:
     """Everything needed to continue a run bit-for-bit: weights of G, G_ema and D, both Adam states, every RNG
     state (the data / latent / augmentation streams and torch's global one), the step and the training time."""
     from safetensors.torch import save_file
@@ -283,6 +283,7 @@ def save_train_state(path: str | os.PathLike, *, G: nn.Module, G_ema: nn.Module,
         t[f"rng.{k}"] = g.get_state().clone()
     t["rng.torch_global"] = torch.get_rng_state().clone()
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": str(int(step)), "seconds": repr(float(seconds)),
+            "cpu_seconds": repr(float(cpu_seconds)),
             "gen_config": json.dumps(asdict(gen_cfg), sort_keys=True),
             "train_config": json.dumps(asdict(cfg), sort_keys=True),
             "info": json.dumps(info, sort_keys=True), "history": json.dumps(history), "curve": json.dumps(curve)}
@@ -310,6 +311,7 @@ def read_train_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
         for k in ("gen_config", "train_config", "info", "history", "curve"):
             meta[k] = json.loads(meta[k])
         meta["step"], meta["seconds"] = int(meta["step"]), float(meta["seconds"])
+        meta["cpu_seconds"] = float(meta.get("cpu_seconds", "nan"))
     except (KeyError, ValueError) as e:
         raise FedLatentError(f"{path}: damaged training-checkpoint metadata ({type(e).__name__}: {e})") from None
     return meta, tensors
@@ -403,7 +405,7 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
     c_dim, bs = max(gen_cfg.c_dim, 1), cfg.batch_size
     history: list = []
     curve: list = []
-    start, elapsed0 = 0, 0.0
+    start, elapsed0, cpu0 = 0, 0.0, 0.0
     global_rng = None
     if saved is not None:
         for pre, mod in (("G", G), ("G_ema", G_ema), ("D", D)):
@@ -418,32 +420,42 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
             g.set_state(tensors[f"rng.{k}"])
         global_rng = tensors["rng.torch_global"]
         start, elapsed0 = saved["step"], saved["seconds"]
+        cpu0 = saved["cpu_seconds"] if np.isfinite(saved["cpu_seconds"]) else float("nan")
         history, curve = list(saved["history"]), list(saved["curve"])
     meta = dict(info or {})
     meta["train_config"] = asdict(cfg)
     state_path = Path(state_path) if state_path is not None else (state_path_for(out) if out is not None else None)
-    t_start = time.time()
-    eval_seconds = [0.0]
+    t_start, c_start = time.time(), time.process_time()
+    eval_seconds, eval_cpu = [0.0], [0.0]
 
     def train_seconds() -> float:
+        """Wall-clock training time over all sessions (evaluation excluded)."""
         return elapsed0 + time.time() - t_start - eval_seconds[0]
+
+    def cpu_seconds() -> float:
+        """CPU time of the training process over all sessions (evaluation excluded): on a shared machine this is
+        the fairer measure of the work done."""
+        return cpu0 + time.process_time() - c_start - eval_cpu[0]
 
     def save(step: int) -> None:
         secs = round(train_seconds(), 1)
         if out is not None:
-            m = dict(meta, steps_done=step, train_seconds=secs, history_tail=history[-4:], curve_tail=curve[-1:])
+            m = dict(meta, steps_done=step, train_seconds=secs, cpu_seconds=round(cpu_seconds(), 1),
+                     history_tail=history[-4:], curve_tail=curve[-1:])
             save_builtin(G_ema, out, info=m)
         if state_path is not None:
             save_train_state(state_path, G=G, G_ema=G_ema, D=D, opt_g=opt_g, opt_d=opt_d, rngs=rngs, step=step,
                              seconds=train_seconds(), gen_cfg=gen_cfg, cfg=cfg, info=info or {}, history=history,
-                             curve=curve)
+                             curve=curve, cpu_seconds=cpu_seconds())
 
     def run_eval(step: int) -> dict:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         with torch.random.fork_rng(devices=[]):
             G_ema.set_noise_mode("const")
             metrics = evaluate(G_ema)
-        rec = {"step": step, "train_seconds": round(train_seconds(), 1), **metrics}
+        eval_cpu[0] += time.process_time() - c0
+        rec = {"step": step, "train_seconds": round(train_seconds(), 1), "cpu_seconds": round(cpu_seconds(), 1),
+               **metrics}
         eval_seconds[0] += time.time() - t0
         rec["eval_seconds"] = round(time.time() - t0, 1)
         curve.append(rec)
