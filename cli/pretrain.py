@@ -111,6 +111,9 @@ def pretrain(**opts):
             raise FedLatentError(f"--resume continues the recorded run; these options differ from it: "
                                  f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
         opts = {**opts, **{k: v for k, v in orig.items() if k not in allowed}}
+        for k in ("steps", "max_minutes", "save_every"):  # these may change, but only when given
+            if k in orig and ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE:
+                opts[k] = orig[k]
     _run(ctx, **opts)
 
 
@@ -131,7 +134,7 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
                   batch_size=batch_size, lr_g=lr_g, lr_d=lr_d, ac_weight=ac_weight, augment=augment,
                   d_channels=d_channels, d_channels_max=d_channels_max, mbstd_group=mbstd_group, r1_gamma=r1_gamma,
                   r1_every=r1_every, balanced=balanced, channel_base=channel_base, channel_max=channel_max,
-                  z_dim=z_dim, w_dim=w_dim, seed=seed)
+                  z_dim=z_dim, w_dim=w_dim, seed=seed, steps=steps, max_minutes=max_minutes, save_every=save_every)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise FedLatentError(f"--out must end in .safetensors, got {out}")

@@ -179,6 +179,7 @@ def test_cli_resume_and_its_errors(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     entry = json.loads((tmp_path / "MANIFEST.json").read_text())["models"]["d"]
     assert entry["steps"] == 3 and "--steps 3" in entry["command"] and "--resume" not in entry["command"]
+    assert "--save-every 1" in entry["command"]  # not given on resume: the recorded value, not the default
     r = CliRunner().invoke(main, ["pretrain", "--resume", str(state), "--steps", "4", "--lr-g", "0.1", "--out",
                                   str(out)])
     assert r.exit_code == 2 and "--lr-g" in r.output

@@ -440,7 +440,8 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
     def save(step: int) -> None:
         secs = round(train_seconds(), 1)
         if out is not None:
-            m = dict(meta, steps_done=step, train_seconds=secs, cpu_seconds=round(cpu_seconds(), 1),
+            cpu = cpu_seconds()
+            m = dict(meta, steps_done=step, train_seconds=secs, cpu_seconds=round(cpu, 1) if np.isfinite(cpu) else None,
                      history_tail=history[-4:], curve_tail=curve[-1:])
             save_builtin(G_ema, out, info=m)
         if state_path is not None:
@@ -454,8 +455,9 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
             G_ema.set_noise_mode("const")
             metrics = evaluate(G_ema)
         eval_cpu[0] += time.process_time() - c0
-        rec = {"step": step, "train_seconds": round(train_seconds(), 1), "cpu_seconds": round(cpu_seconds(), 1),
-               **metrics}
+        cpu = cpu_seconds()
+        rec = {"step": step, "train_seconds": round(train_seconds(), 1),
+               "cpu_seconds": round(cpu, 1) if np.isfinite(cpu) else None, **metrics}
         eval_seconds[0] += time.time() - t0
         rec["eval_seconds"] = round(time.time() - t0, 1)
         curve.append(rec)
