@@ -58,9 +58,9 @@ def generator_record(name: str) -> dict:
     return {}
 
 
-def plot_curve(curve: str | Path, png: str | Path) -> Path:
+def plot_curve(curve: str | Path, png: str | Path, reference: dict | None = None, ref_label: str = "") -> Path:
     """Quality against training time from a ``fedlatent pretrain --eval-every`` log (``*.curve.jsonl``), one panel
-    per metric, the real-vs-real ceiling dashed."""
+    per metric, the real-vs-real ceiling dashed and an optional reference generator's values dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,6 +76,8 @@ def plot_curve(curve: str | Path, png: str | Path) -> Path:
         ax.plot(xs, [r[k] for r in pts if k in r], "o-", ms=3)
         if k in ceiling:
             ax.axhline(ceiling[k], ls="--", c="gray", lw=1, label="real vs real")
+        if reference and reference.get(k) is not None:
+            ax.axhline(reference[k], ls=":", c="C3", lw=1.2, label=ref_label or "reference")
         ax.set_title(k)
         ax.set_xlabel("training minutes")
     axes[0][0].legend(fontsize=7)
@@ -107,9 +109,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/generator_quality.json")
     ap.add_argument("--curve", default=None, help="plot a pretrain quality log (*.curve.jsonl) and exit")
     ap.add_argument("--curve-png", default="benchmarks/results/generator_curve.png")
+    ap.add_argument("--curve-ref", default=None,
+                    help="DATASET:NAME from a report of this script (--out) to draw as a reference line")
+    ap.add_argument("--curve-ref-json", default="benchmarks/results/generator_quality.json")
     args = ap.parse_args(argv)
     if args.curve:
-        print(f"wrote {plot_curve(args.curve, args.curve_png)}")
+        ref = None
+        if args.curve_ref:
+            ds, _, name = args.curve_ref.partition(":")
+            ref = json.loads(Path(args.curve_ref_json).read_text())["results"][ds]["generators"][name]
+        print(f"wrote {plot_curve(args.curve, args.curve_png, ref, args.curve_ref)}")
         return {}
 
     chosen: dict[str, list[str]] = {}
