@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
         if args.curve_ref:
             ds, _, name = args.curve_ref.partition(":")
             ref = json.loads(Path(args.curve_ref_json).read_text())["results"][ds]["generators"][name]
-        print(f"wrote {plot_curve(args.curve, args.curve_png, ref, args.curve_ref)}")
+        print(f"wrote {plot_curve(args.curve, args.curve_png, ref, name if ref else '')}")
         return {}
 
     chosen: dict[str, list[str]] = {}
