@@ -657,8 +657,8 @@ class FedDGM(Strategy):
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self, ctx: FLContext) -> None:
         from ..generators import load_generator
-        from ..generators.registry import complete_generator_spec, no_generator_message
         from ..generators.latent import PIXEL, parse_space
+        from ..generators.registry import complete_generator_spec, no_generator_message
 
         super().setup(ctx)
         self.G = None
