@@ -13,7 +13,7 @@ local epoch, ConvNet, synthesis from 25 snapshots, ipc 15, 3000 iterations, 8-20
 Paper numbers (FedAvg -> DynaFed): FMNIST alpha 0.01: 74.50 -> 87.52, alpha 0.04: 81.74 -> 89.45;
 CIFAR-10 alpha 0.01: 39.30 -> 65.53, alpha 0.04: 51.19 -> 70.07.
 Local training here is the engine's SGD (lr 0.01, momentum 0.9), not Adam; DynaFed's CPU defaults
-(fedlatent.fl.dynafed.DynaFed) are scaled to that, see its docstring.
+(fedlatent.fl.methods.dynafed.DynaFed) are scaled to that, see its docstring.
 
 CPU configuration (one cell: 6000 training / 2000 test images, ConvNet width 16, 60 rounds;
 FedAvg about 2-3 min, DynaFed about 6-10 min on a quiet 2-core machine)::
@@ -56,7 +56,7 @@ from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
 
 # DynaFed options of the CPU configuration: the strategy's defaults (already scaled to a CPU and
-# documented with the paper's values in fedlatent.fl.dynafed.DynaFed), with the unrolled MTT
+# documented with the paper's values in fedlatent.fl.methods.dynafed.DynaFed), with the unrolled MTT
 # gradient (identical to the exact one, faster for a width-16 ConvNet).
 CPU_DYNAFED = {"mtt_mode": "unrolled"}
 

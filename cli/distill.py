@@ -1,23 +1,10 @@
 """``fedlatent distill``: FedDGM end to end (clients -> server latent trajectory matching -> global model)."""
 from __future__ import annotations
 
-import json
-
 import click
 
-from fedlatent.parallel import backend_from_cli, click_options
+from fedlatent.cli._options import backend_from_cli, backend_options, parse_key_value
 from fedlatent.utils import FedLatentError
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise FedLatentError(f"--option {text!r} is not KEY=VALUE")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 @click.command("distill")
@@ -77,7 +64,7 @@ def _parse_option(text: str) -> tuple[str, object]:
                    "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
                    "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-@click_options
+@backend_options
 def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
             ipc, iterations, syn_steps, generator, space, surrogate, global_model, train_epochs, batched, seed, device,
             out, overwrite, resume, checkpoint_every, options, threads, no_progress, **backend_options):
@@ -94,7 +81,7 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
     import torch
 
     from fedlatent.distill.mtt import tune_allocator
-    from fedlatent.fl.feddgm import distill_federated
+    from fedlatent.apps.distill import distill_federated
 
     tune_allocator()
     if threads is not None:
@@ -112,7 +99,7 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
         opts["space"] = space
     opts = {k: v for k, v in opts.items() if v is not None}
     for text in options:
-        k, v = _parse_option(text)
+        k, v = parse_key_value(text, "--option")
         opts[k] = v
     backend = backend_from_cli(**backend_options)
     try:

@@ -1,27 +1,15 @@
 """``fedlatent simulate``: run a federated method in simulation and write a run folder."""
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
 from fedlatent.fl.base import FLConfig
-from fedlatent.parallel import backend_from_cli, click_options
+from fedlatent.cli._options import backend_from_cli, backend_options, parse_key_value
 from fedlatent.utils import FedLatentError
 
 _D = FLConfig()  # option defaults come from the config dataclass, so the CLI and the API agree
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise FedLatentError(f"--method-option {text!r} is not KEY=VALUE")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 @click.command("simulate")
@@ -92,7 +80,7 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Run folder to write. [default: runs/<method>-<dataset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click_options
+@backend_options
 def simulate(method, dataset, data_root, image_size, clients, partition, alpha, min_size, classes_per_client, rounds,
              participation, local_epochs, lr, momentum, weight_decay, batch_size, mu, method_options, model,
              client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet,
@@ -111,7 +99,7 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
     """
     from fedlatent.fl.simulation import simulate as run
 
-    opts = dict(_parse_option(o) for o in method_options)
+    opts = dict(parse_key_value(o, "--method-option") for o in method_options)
     if mu is not None:
         if method != "fedprox":
             raise FedLatentError(f"--mu applies to --method fedprox only (got --method {method})")

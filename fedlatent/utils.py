@@ -11,9 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-
-class FedLatentError(RuntimeError):
-    """An error caused by user input or files; the CLI prints its message on one line and exits 2."""
+from .errors import DivergedError, FedLatentError  # noqa: F401 - re-exported (fedlatent.utils.FedLatentError)
 
 
 def seed_everything(seed: int) -> None:

@@ -259,9 +259,20 @@ class Strategy:
         """Restore the server state written by :meth:`state_dict`."""
 
 
+@dataclass
+class ClientFailure:
+    """What a parallel client runner (``client_map``) returns for a client whose work failed for good
+    (e.g. after its retries on Ray): the engine logs and records it and goes on without that client."""
+
+    client_id: int | None
+    error: str
+    attempts: int = 1
+
+
+
 # ---------------------------------------------------------------------------------------------
-# Method registry: modules in fedlatent.fl register their Strategy with @register_method, and
-# get_method() imports the package's modules on demand, so adding a method never edits this file.
+# Method registry: modules in fedlatent.fl.methods register their Strategy with @register_method, and
+# get_method() imports that package's modules on demand, so adding a method never edits this file.
 
 METHODS: dict[str, type[Strategy]] = {}
 
@@ -281,20 +292,20 @@ _BROKEN: dict[str, str] = {}
 
 
 def _discover() -> None:
-    """Import every public module of fedlatent.fl (each registers its methods).
+    """Import every public module of fedlatent.fl.methods (each registers its methods).
 
     A module that fails to import is logged and skipped, so one broken method never hides the others.
     """
-    from . import __path__ as pkg_path
+    from .methods import __path__ as pkg_path
 
     for mod in pkgutil.iter_modules(pkg_path):
         if mod.name.startswith("_") or mod.name in _BROKEN:
             continue
         try:
-            importlib.import_module(f"{__package__}.{mod.name}")
+            importlib.import_module(f"{__package__}.methods.{mod.name}")
         except Exception as e:  # noqa: BLE001 - reported below and in get_method's error
             _BROKEN[mod.name] = f"{type(e).__name__}: {e}"
-            logging.getLogger(__name__).warning("fedlatent.fl.%s failed to import: %s", mod.name, _BROKEN[mod.name])
+            logging.getLogger(__name__).warning("fedlatent.fl.methods.%s failed to import: %s", mod.name, _BROKEN[mod.name])
 
 
 def available_methods() -> list[str]:
@@ -314,6 +325,6 @@ def get_method(name: str) -> type[Strategy]:
 
 
 __all__ = [
-    "FLConfig", "FLContext", "ClientData", "Upload", "Strategy", "tensor_bytes", "METHODS",
+    "FLConfig", "FLContext", "ClientData", "Upload", "ClientFailure", "Strategy", "tensor_bytes", "METHODS",
     "register_method", "available_methods", "get_method",
 ]

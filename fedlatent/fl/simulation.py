@@ -30,7 +30,9 @@ from .. import __version__
 from ..data import ImageData, load_dataset
 from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
-from .base import ClientData, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
+from ..backends import make_backend
+from ..backends.serial import sequential_map
+from .base import ClientData, ClientFailure, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
 from .client import evaluate
 from .hetero import architecture_summary, assign_architectures
 from .run import RunFolder, iter_rows
@@ -42,16 +44,6 @@ log = logging.getLogger("fedlatent.fl")
 ClientMap = Callable[[Callable[..., Upload], Iterable[tuple]], list]
 
 PLOT_INTERVAL_S = 10.0  # accuracy.png is refreshed at most this often during a run (and at the end)
-
-
-@dataclass
-class ClientFailure:
-    """What a parallel client runner (``client_map``) returns for a client whose work failed for good
-    (e.g. after its retries on Ray): the engine logs and records it and goes on without that client."""
-
-    client_id: int | None
-    error: str
-    attempts: int = 1
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -122,11 +114,6 @@ class SimulationResult:
                 f"{self.rejected} rejected uploads{where}")
 
 
-def sequential_map(fn: Callable[..., Upload], jobs: Iterable[tuple]) -> list[Upload]:
-    """The default client runner: ``[fn(*args) for args in jobs]`` in this process, in order."""
-    return [fn(*args) for args in jobs]
-
-
 def _upload_bytes(upload: object) -> int:
     if isinstance(upload, Upload) and isinstance(upload.tensors, Mapping):
         return int(sum(t.numel() * t.element_size() for t in upload.tensors.values() if isinstance(t, torch.Tensor)))
@@ -192,7 +179,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     ``client_map(fn, jobs)`` runs the round's clients: it must return ``[fn(*args) for args in jobs]``
     in order (``args = (ctx, rnd, client_id, payload, data)``; for a strategy's optional
     ``client_init``, run once before round 1, ``args = (ctx, client_id, data)``); the default is
-    :func:`sequential_map`, a parallel back end (e.g. :class:`fedlatent.parallel.RayBackend`) passes its own.
+    :func:`sequential_map`, a parallel back end (e.g. :class:`fedlatent.backends.ray.RayBackend`) passes its own.
     A parallel runner may return a :class:`ClientFailure` in place of a client's result: that client is
     logged, recorded (``failed`` column, ``SimulationResult.failures``) and left out of the round; when no
     client of a round returned, FedLatentError is raised (a failed ``client_init`` is always fatal).
@@ -401,7 +388,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     images (``digits`` defaults to 16 px). Pass ``data`` to reuse an already loaded dataset, and
     ``client_map`` to run clients elsewhere (see :func:`run_simulation`). ``backend``: "serial" (in this
     process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
-    stopped for this run) or a :class:`fedlatent.parallel.RayBackend` (its settings; the caller closes it).
+    stopped for this run) or a :class:`fedlatent.backends.ray.RayBackend` (its settings; the caller closes it).
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -410,8 +397,6 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     cfg = FLConfig(**config).check()
     if out is not None:
         RunFolder.check(out, overwrite)
-    from ..parallel import make_backend
-
     runner = make_backend(backend, ray_address)
     if runner is not None and client_map is not None:
         raise FedLatentError("pass either client_map or backend, not both")

@@ -181,7 +181,7 @@ def public_split_generator(spec: RunSpec) -> str | None:
     if space == "pixel":
         return None
     if gen in (None, "", "none"):
-        from ..fl.feddgm import default_generator
+        from ..generators.resolve import default_generator
 
         gen = default_generator(spec.dataset.strip().lower())
     return None if gen in (None, "", "none") else str(gen)
@@ -195,13 +195,13 @@ def load_data(spec: RunSpec, data_root: str | None = None):
     """The run's :class:`~fedlatent.data.ImageData` (``data_root`` overrides the spec's, e.g. a node's own folder).
 
     With ``spec.exclude_generator`` the generator's public split is removed from the training set
-    (:func:`fedlatent.fl.feddgm.private_training_data`), as ``fedlatent distill`` does.
+    (:func:`fedlatent.apps.distill.private_training_data`), as ``fedlatent distill`` does.
     """
     from ..data import load_dataset
 
     data = load_dataset(spec.dataset, root=data_root or spec.data_root, resize=spec.resolved_image_size())
     if spec.exclude_generator:
-        from ..fl.feddgm import private_training_data
+        from ..apps.distill import private_training_data
 
         data, _ = private_training_data(data, spec.exclude_generator)
     return data

@@ -369,11 +369,11 @@ class FedLatentStrategy(FlowerStrategy):
             return None
         s = self.strategy
         if callable(getattr(s, "save_distilled", None)):
-            from ..fl.feddgm import DISTILLED_FILE
+            from ..artifacts import DISTILLED_FILE
 
             return s.save_distilled(self.run.path / DISTILLED_FILE)
         if getattr(s, "pseudo", None) is not None and callable(getattr(s, "save", None)):
-            from ..fl.dynafed import PSEUDO_FILE
+            from ..artifacts import PSEUDO_FILE
 
             s.save(self.run.path)
             return self.run.path / PSEUDO_FILE

@@ -1,0 +1,233 @@
+"""FedDF: ensemble distillation for model fusion (Lin, Kong, Stich & Jaggi, NeurIPS 2020).
+
+Each round (Alg. 1 of the paper; Alg. 3 for heterogeneous "prototype" groups):
+
+1. every selected client trains its own architecture locally from the server model of that architecture
+   (local SGD, exactly FedAvg's client step) and uploads its weights;
+2. per architecture, the server initialises the student by FedAvg over that architecture's accepted
+   uploads (an architecture nobody of the round trained keeps its previous weights);
+3. the teacher is the ensemble of ALL accepted client models, every architecture included: the
+   mean of their logits, :func:`ensemble_logits`;
+4. every student is distilled toward the teacher on an unlabeled transfer set by minimising
+   ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (:func:`kd_loss`) with Adam (lr 1e-3, T = 1
+   in the paper), for a fixed number of steps with early stopping on a held-out validation part of
+   the transfer set: the validation KL to the teacher is measured every ``val_every`` steps, distillation
+   stops after ``patience`` checks without improvement, and the best student is kept.
+
+The teacher models are fixed during distillation and used in eval mode, so their logits on the
+transfer set are computed once per round. Communication is FedAvg's: the student of the client's
+architecture down, the client's weights up. The transfer set (see :mod:`fedlatent.fl.transfer`) lives
+on the server and is never sent.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...utils import FedLatentError, torch_generator
+from ..aggregate import fedavg
+from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
+from ..client import client_model, train_client
+from ..transfer import TransferSet, load_transfer_set, split_validation
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode and without grad (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, int(x.shape[0]), batch_size)])
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The ensemble teacher of FedDF: (1/|S|) sum_{k in S} f(x; w_k), the mean of the models' logits.
+
+    Every model is evaluated in eval mode; the result is ``[N, classes]`` float32.
+    """
+    if len(models) == 0:
+        raise FedLatentError("ensemble_logits: no models")
+    acc = None
+    for m in models:
+        z = model_logits(m, x, batch_size).double()
+        acc = z if acc is None else acc + z
+    return (acc / len(models)).float()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Distillation loss T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over the batch (Hinton et al. 2015).
+
+    Its gradient w.r.t. the student logits is ``T * (softmax(s / T) - softmax(t / T)) / batch``; the
+    teacher is treated as a constant.
+    """
+    if not temperature > 0:
+        raise FedLatentError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise FedLatentError(f"kd_loss: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+@torch.no_grad()
+def _val_kd(student: nn.Module, x: torch.Tensor, teacher: torch.Tensor, temperature: float, batch_size: int) -> float:
+    z = model_logits(student, x, batch_size)
+    return float(kd_loss(z, teacher, temperature))
+
+
+def distill(student: nn.Module, x: torch.Tensor, teacher: torch.Tensor, *, steps: int, lr: float = 1e-3,
+            batch_size: int = 64, temperature: float = 1.0, x_val: torch.Tensor | None = None,
+            teacher_val: torch.Tensor | None = None, val_every: int = 50, patience: int = 3,
+            generator: torch.Generator | None = None) -> dict[str, float]:
+    """Distil ``student`` in place toward fixed ``teacher`` logits on ``x`` (FedDF's server step).
+
+    Adam(lr), mini-batches drawn by epochs of seeded permutations from ``generator``, :func:`kd_loss`.
+    With a validation set, the validation KD loss is checked before training and every ``val_every``
+    steps; after ``patience`` checks without improvement training stops, and the student with the best
+    validation loss is restored. Returns {"steps", "train_kd", "val_kd", "val_kd_start"} (val: NaN without one).
+    """
+    n = int(x.shape[0])
+    if steps <= 0 or n == 0:
+        return {"steps": 0.0, "train_kd": math.nan, "val_kd": math.nan, "val_kd_start": math.nan}
+    has_val = x_val is not None and teacher_val is not None and len(x_val) > 0
+    ebs = 4 * batch_size
+    best = _val_kd(student, x_val, teacher_val, temperature, ebs) if has_val else math.inf
+    start, bad = best, 0
+    best_state = {k: t.detach().clone() for k, t in student.state_dict().items()} if has_val else None
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    student.train()
+    order = torch.empty(0, dtype=torch.long)
+    pos, done, loss_sum, seen = 0, 0, 0.0, 0
+    for step in range(1, steps + 1):
+        if pos >= len(order):
+            order, pos = torch.randperm(n, generator=generator), 0
+        idx = order[pos : pos + batch_size].to(x.device)
+        pos += batch_size
+        loss = kd_loss(student(x.index_select(0, idx)), teacher.index_select(0, idx), temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        done = step
+        if has_val and (step % val_every == 0 or step == steps):
+            v = _val_kd(student, x_val, teacher_val, temperature, ebs)
+            if v < best:
+                best, bad = v, 0
+                best_state = {k: t.detach().clone() for k, t in student.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    if best_state is not None:  # the best validated student (the initial one if distillation never helped)
+        student.load_state_dict(best_state)
+    return {"steps": float(done), "train_kd": loss_sum / max(seen, 1),
+            "val_kd": best if has_val else math.nan, "val_kd_start": start if has_val else math.nan}
+
+
+@register_method("feddf")
+class FedDF(Strategy):
+    """FedDF with per-architecture students (heterogeneous clients via ``FLConfig.client_models``)."""
+
+    heterogeneous = True
+
+    def __init__(self, transfer: str = "public", transfer_size: int | None = None, distill_steps: int = 500,
+                 distill_lr: float = 1e-3, distill_batch_size: int = 64, temperature: float = 1.0,
+                 val_fraction: float = 0.1, val_every: int = 50, patience: int = 3):
+        if distill_steps < 0 or distill_batch_size < 1 or val_every < 1 or patience < 1:
+            raise FedLatentError("FedDF: distill_steps >= 0, distill_batch_size >= 1, val_every >= 1, patience >= 1")
+        if not distill_lr > 0 or not temperature > 0:
+            raise FedLatentError("FedDF: distill_lr and temperature must be > 0")
+        if not 0 <= val_fraction < 1:
+            raise FedLatentError(f"FedDF: val_fraction must be in [0, 1), got {val_fraction}")
+        if transfer_size is not None and int(transfer_size) < 1:
+            raise FedLatentError(f"FedDF: transfer_size must be >= 1, got {transfer_size}")
+        self.transfer, self.transfer_size = str(transfer), None if transfer_size is None else int(transfer_size)
+        self.distill_steps, self.distill_lr = int(distill_steps), float(distill_lr)
+        self.distill_batch_size, self.temperature = int(distill_batch_size), float(temperature)
+        self.val_fraction, self.val_every, self.patience = float(val_fraction), int(val_every), int(patience)
+        self.teacher_logits: torch.Tensor | None = None  # the last round's ensemble on the whole transfer set
+
+    def options(self) -> dict:
+        return {"transfer": self.transfer, "transfer_size": self.transfer_size, "distill_steps": self.distill_steps,
+                "distill_lr": self.distill_lr, "distill_batch_size": self.distill_batch_size,
+                "temperature": self.temperature, "val_fraction": self.val_fraction, "val_every": self.val_every,
+                "patience": self.patience}
+
+    def setup(self, ctx: FLContext) -> None:
+        super().setup(ctx)
+        # "init" for every architecture: a homogeneous FedDF run starts from FedAvg's initial weights.
+        self.students: dict[str, nn.Module] = {a: ctx.build_model(a, key="init") for a in ctx.architectures}
+        self.labels = {a: ctx.arch_label(a) for a in ctx.architectures}
+        self.transfer_set: TransferSet | None = None
+        if self.distill_steps > 0:
+            self.transfer_set = load_transfer_set(self.transfer, ctx, size=self.transfer_size)
+            self.train_idx, self.val_idx = split_validation(len(self.transfer_set), self.val_fraction,
+                                                            ctx.config.seed, "feddf")
+
+    def client_payload(self, rnd: int, client_id: int) -> TensorDict:
+        student = self.students[self.ctx.arch_of(client_id)]
+        return {k: v.detach() for k, v in student.state_dict().items()}
+
+    def client_update(self, ctx: FLContext, rnd: int, client_id: int, payload: TensorDict,
+                      data: ClientData) -> Upload:
+        return train_client(ctx, rnd, payload, data, spec=ctx.arch_of(client_id))
+
+    def expected_upload(self, client_id: int) -> UploadSpec:
+        student = self.students[self.ctx.arch_of(client_id)]
+        return {k: (tuple(v.shape), v.dtype) for k, v in student.state_dict().items()}
+
+    def client_models(self, uploads: list[Upload]) -> list[nn.Module]:
+        """The received client models (one per upload, of the client's architecture)."""
+        models = []
+        for u in uploads:
+            m = client_model(self.ctx, self.ctx.arch_of(u.client_id))
+            m.load_state_dict(u.tensors)
+            models.append(m.eval())
+        return models
+
+    def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
+        ctx = self.ctx
+        for arch, student in self.students.items():  # step 2: per-architecture FedAvg
+            group = [u for u in uploads if ctx.arch_of(u.client_id) == arch]
+            if group:
+                student.load_state_dict(fedavg([u.tensors for u in group], [u.num_samples for u in group]))
+        if self.transfer_set is None or self.distill_steps == 0:
+            return {}
+        x = self.transfer_set.x
+        teacher = ensemble_logits(self.client_models(uploads), x)  # step 3: ensemble of every architecture
+        self.teacher_logits = teacher
+        x_tr, t_tr = x.index_select(0, self.train_idx.to(x.device)), teacher.index_select(0, self.train_idx.to(x.device))
+        x_va, t_va = x.index_select(0, self.val_idx.to(x.device)), teacher.index_select(0, self.val_idx.to(x.device))
+        extra: dict[str, float] = {}
+        for arch, student in self.students.items():  # step 4: distil every student
+            r = distill(student, x_tr, t_tr, steps=self.distill_steps, lr=self.distill_lr,
+                        batch_size=self.distill_batch_size, temperature=self.temperature, x_val=x_va, teacher_val=t_va,
+                        val_every=self.val_every, patience=self.patience,
+                        generator=torch_generator(ctx.config.seed, "feddf-distill", rnd, arch))
+            lab = self.labels[arch]
+            extra[f"distill_steps_{lab}"] = r["steps"]
+            extra[f"distill_val_kd_{lab}"] = r["val_kd"]
+        return extra
+
+    def eval_model(self) -> dict[str, nn.Module]:
+        return {self.labels[a]: m for a, m in self.students.items()}
+
+    def state_dict(self) -> dict:
+        return {"students": {a: copy.deepcopy(m.state_dict()) for a, m in self.students.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for a, sd in state["students"].items():
+            self.students[a].load_state_dict(sd)
+
+
+__all__ = ["model_logits", "ensemble_logits", "kd_loss", "distill", "FedDF"]

@@ -1,0 +1,536 @@
+"""FedDGM (Jia et al., arXiv 2312.01537; reference FedDG23/FedDG-main): federated learning through
+server-side *latent* trajectory matching (ALGORITHMS.md §2, §4).
+
+One round:
+
+1. **Clients.** Every selected client receives the global *surrogate* (a ConvNet, flat parameter vector
+   ``params``), trains ``local_epochs`` of SGD on its data (FLConfig ``lr`` / ``momentum`` / ``weight_decay``;
+   reference: lr 0.01, no momentum) and uploads its start and end parameters ``{"start", "end"}`` only. The
+   uploads go through the engine's screening (:func:`fedlatent.fl.validate.validate_uploads`); the server
+   additionally drops an upload whose ``start`` is not what it sent.
+2. **Server distillation, per client.** ``ipc`` latents per class for *all* classes are initialised from the
+   generator (``z ~ N(0, I)``, ``w = mapping(z, c)``, f_k rendered from w; pixel space: N(0, 1) noise), so no
+   client data ever reaches the server. Latent MTT (MTT eqs. 1-2 through the generator, GLaD) then matches the
+   one-segment trajectory ``start -> end`` of that client: the student starts at ``start``, takes ``syn_steps``
+   SGD steps (learnable lr) on the DSA-augmented rendered images, and the latents move to minimise
+   ``||theta_N - end||^2 / ||start - end||^2``. This is :class:`fedlatent.distill.distiller.Distiller` with a
+   :class:`fedlatent.generators.LatentSet` (chunked renderer) or a :class:`fedlatent.synthetic.PixelSet`, and
+   the exact constant-memory meta-gradient (the reference uses TESLA's approximate backward).
+3. **Pool and train.** The rendered sets of all clients are pooled (this round's only, as the reference; or
+   every round's with ``pool="all"``); the global model (any registry architecture, ``FLConfig.model``) and -
+   when it is another architecture - the surrogate are trained on the pool for ``train_epochs`` epochs (SGD,
+   DSA). There is no weight averaging: the surrogate trained on the pool is the next round's download.
+
+Which classes per client: all of them (the reference's ``prepare_latents`` is called without the client).
+Distilling only the classes a client holds would need the client to reveal which labels it has; the server
+otherwise sees parameters only, so this is deliberately not offered.
+
+Batched distillation of several clients at once (``batched``): :mod:`fedlatent.distill.batched`. The run
+driver behind ``fedlatent distill`` (presets, resume, report): :mod:`fedlatent.apps.distill`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...artifacts import DISTILLED_FILE, GRID_PATTERN
+from ...artifacts.grids import save_class_grid
+from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
+from ...distill.batched import ClientRun, distill_clients
+from ...distill.distiller import DistillConfig, Distiller
+from ...distill.pixels import fit_on_set
+from ...errors import FedLatentError
+from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
+from ...models.functional import FlatModel
+from ...utils import derive_seed, torch_generator
+from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
+from ..client import client_model, local_train
+
+log = logging.getLogger("fedlatent.fl.feddgm")
+
+
+@dataclass
+class DistilledSet:
+    """One client's distilled set as the server pools it (rendered images on the CPU, float32) - also what a
+    parallel worker returns for :meth:`FedDGM.distill_client`. ``images`` is None when the work failed."""
+
+    run: ClientRun
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    ws: torch.Tensor | None = None
+    f_k: torch.Tensor | None = None
+
+
+def harvest(d: Distiller, run: ClientRun, pixel: bool) -> DistilledSet:
+    """Render a finished distiller's set (and, in a latent space, keep its w+ codes and f_k features)."""
+    syn = d.synthetic
+    x = syn.render().detach().float()
+    ws = f_k = None
+    if not pixel:
+        fw = syn.full_ws()
+        ws = None if fw is None else fw.detach().float().cpu()
+        f_k = None if syn.f is None else syn.f.detach().float().cpu()
+    return DistilledSet(run, x.cpu(), d.labels.detach().long().cpu(), ws, f_k)
+
+
+
+def train_on_pool(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
+                  momentum: float, weight_decay: float, batch_size: int, augment: Callable | None,
+                  generator: torch.Generator) -> float:
+    """Continue training ``model`` on the pooled distilled set: ``epochs`` shuffled passes of SGD with
+    cross-entropy on DSA-augmented minibatches (reference ``epoch_global``). Returns the mean minibatch loss."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return fit_on_set(model, images, labels, opt, epochs=epochs, batch_size=batch_size, augment=augment,
+                      generator=generator)
+
+
+@dataclass
+class Pool:
+    """The pooled distilled set (server side) with provenance."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    clients: torch.Tensor
+    rounds: torch.Tensor
+    ws: torch.Tensor | None = None
+    f_k: torch.Tensor | None = None
+
+    def state(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_state(cls, st: Mapping[str, Any] | None) -> "Pool | None":
+        return None if not st else cls(**{k: v.clone() for k, v in st.items()})
+
+    @staticmethod
+    def cat(pools: Sequence["Pool"]) -> "Pool":
+        def c(name):
+            ts = [getattr(p, name) for p in pools]
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        return Pool(c("images"), c("labels"), c("clients"), c("rounds"), c("ws"), c("f_k"))
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values (NaN when there is none)."""
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise FedLatentError(f"feddgm: {name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _num(name: str, v: Any, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise FedLatentError(f"feddgm: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    return float(v)
+
+
+@register_method("feddgm")
+class FedDGM(Strategy):
+    """FedDGM: client trajectories -> server latent MTT per client -> train on the pooled distilled sets.
+
+    Defaults follow the reference (FedDG23/FedDG-main, CIFAR-10 README command) where it has one; the CPU
+    configuration of ``fedlatent distill`` overrides them (see :data:`PRESETS`).
+
+    Distillation: ``generator`` (manifest name or checkpoint; None = the dataset's default), ``space`` (``F<k>``,
+    ``W+``, ``pixel``; None = :func:`default_space`), ``ipc`` 10, ``iterations`` 100, ``syn_steps`` 20,
+    ``lr_img`` 1000 (f_k / pixels), ``lr_w`` 1, ``lr_lr`` 1e-5 (reference units: SGD step on the lr itself; the
+    engine learns log lr with ``lr_lr / lr_teacher**2``), ``lr_teacher`` 0.01, ``momentum`` 0.5, ``batch_syn``
+    None (whole set), ``init`` "random" (or "mean_w"), ``dsa`` / ``dsa_strategy`` (reference DSA), ``mtt_mode``
+    "exact", ``chunk_size`` 64 (renderer).
+    Surrogate and server training: ``surrogate`` "convnet" (any ConvNet spec, e.g. ``convnet:width=32``; the
+    global model is FLConfig ``model``), ``train_epochs`` 1000 (reference ``inner_loop``), ``train_lr`` 0.01,
+    ``train_momentum`` 0.9, ``train_weight_decay`` 5e-4, ``train_batch`` 256, ``train_dsa`` True,
+    ``pool`` "round" | "all".
+    Execution: ``batched`` True | False | "auto" (CUDA only), ``max_batch`` (clients per batch cap),
+    ``progress``, ``save_artifacts`` (grids and distilled.safetensors in the run folder), ``classes`` "all",
+    ``dataset`` (its name: picks the default generator and goes into the export metadata).
+
+    ``distill_map`` (not an option; set by :meth:`fedlatent.backends.ray.RayBackend.attach`): a client runner
+    ``(fn, jobs) -> [fn(*job) ...]``; when set, the looped per-client distillation runs through it, one
+    :meth:`distill_client` job per client (the batched path ignores it). What a parallel runner ships to its
+    workers is :meth:`worker_view`.
+    """
+
+    distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
+
+    def __init__(self, generator: str | None = None, space: str | None = None, ipc: int = 10, iterations: int = 100,
+                 syn_steps: int = 20, lr_img: float = 1000.0, lr_w: float = 1.0, lr_lr: float = 1e-5,
+                 lr_teacher: float = 0.01, momentum: float = 0.5, batch_syn: int | None = None, init: str = "random",
+                 dsa: bool = True, dsa_strategy: str = DEFAULT_STRATEGY, mtt_mode: str = "exact",
+                 chunk_size: int = 64, surrogate: str = "convnet", train_epochs: int = 1000, train_lr: float = 0.01,
+                 train_momentum: float = 0.9, train_weight_decay: float = 5e-4, train_batch: int = 256,
+                 train_dsa: bool = True, pool: str = "round", batched: bool | str = "auto",
+                 max_batch: int | None = None, classes: str = "all", dataset: str | None = None,
+                 progress: bool = True, save_artifacts: bool = True):
+        from ...generators.latent import PIXEL, parse_space
+
+        self.generator_name = None if generator in (None, "", "none") else str(generator)
+        self.space = None if space in (None, "", "auto") else str(space)
+        if self.space is not None:
+            parse_space(self.space)
+        self.ipc = _int("ipc", ipc, 1)
+        self.iterations = _int("iterations", iterations, 0)
+        self.syn_steps = _int("syn_steps", syn_steps, 1)
+        self.lr_img, self.lr_w, self.lr_lr = _num("lr_img", lr_img), _num("lr_w", lr_w), _num("lr_lr", lr_lr)
+        self.lr_teacher = _num("lr_teacher", lr_teacher, positive=True)
+        self.momentum = _num("momentum", momentum)
+        self.batch_syn = None if batch_syn is None else _int("batch_syn", batch_syn, 1)
+        if init not in ("random", "mean_w"):
+            raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {init!r}")
+        self.init = init
+        self.dsa, self.dsa_strategy = bool(dsa), str(dsa_strategy)
+        parse_strategy(self.dsa_strategy)
+        if mtt_mode not in ("exact", "unrolled"):
+            raise FedLatentError(f"feddgm: mtt_mode must be 'exact' or 'unrolled', got {mtt_mode!r}")
+        self.mtt_mode = mtt_mode
+        self.chunk_size = _int("chunk_size", chunk_size, 1)
+        self.surrogate_spec = str(surrogate)
+        self.train_epochs = _int("train_epochs", train_epochs, 0)
+        self.train_lr, self.train_momentum = _num("train_lr", train_lr), _num("train_momentum", train_momentum)
+        self.train_weight_decay = _num("train_weight_decay", train_weight_decay)
+        self.train_batch = _int("train_batch", train_batch, 1)
+        self.train_dsa = bool(train_dsa)
+        if pool not in ("round", "all"):
+            raise FedLatentError(f"feddgm: pool must be 'round' or 'all', got {pool!r}")
+        self.pool_mode = pool
+        if batched not in (True, False, "auto"):
+            raise FedLatentError(f"feddgm: batched must be true, false or 'auto', got {batched!r}")
+        self.batched = batched
+        self.max_batch = None if max_batch is None else _int("max_batch", max_batch, 1)
+        if classes != "all":
+            raise FedLatentError("feddgm: classes must be 'all' (the server cannot know which classes a client "
+                                 "holds without the client disclosing its labels)")
+        self.classes = classes
+        self.dataset = None if dataset is None else str(dataset)
+        self.progress, self.save_artifacts = bool(progress), bool(save_artifacts)
+        self._pixel = self.space is not None and parse_space(self.space) == PIXEL
+        self.pool: Pool | None = None
+        self.round_log: list[dict[str, Any]] = []
+
+    def options(self) -> dict[str, Any]:
+        return {"generator": self.generator_name, "space": self.space, "ipc": self.ipc, "iterations": self.iterations,
+                "syn_steps": self.syn_steps, "lr_img": self.lr_img, "lr_w": self.lr_w, "lr_lr": self.lr_lr,
+                "lr_teacher": self.lr_teacher, "momentum": self.momentum, "batch_syn": self.batch_syn,
+                "init": self.init, "dsa": self.dsa, "dsa_strategy": self.dsa_strategy, "mtt_mode": self.mtt_mode,
+                "chunk_size": self.chunk_size, "surrogate": self.surrogate_spec, "train_epochs": self.train_epochs,
+                "train_lr": self.train_lr, "train_momentum": self.train_momentum,
+                "train_weight_decay": self.train_weight_decay, "train_batch": self.train_batch,
+                "train_dsa": self.train_dsa, "pool": self.pool_mode, "batched": self.batched,
+                "max_batch": self.max_batch, "classes": self.classes, "dataset": self.dataset}
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self, ctx: FLContext) -> None:
+        from ...generators import load_generator
+        from ...generators.latent import PIXEL, parse_space
+
+        super().setup(ctx)
+        self.G = None
+        if not self._pixel:
+            name = self.generator_name
+            if name is None:
+                name = default_generator(self.dataset or "")
+            if name is None:
+                raise FedLatentError("feddgm: no generator given and none is known for this dataset; pass "
+                                     "generator=NAME|PATH (fedlatent pretrained list) or space='pixel'")
+            self.G = load_generator(name, device=ctx.device)
+            self._g_source = (name, self.G)  # worker_view ships this G by name (a worker loads it itself)
+            self.generator_name = name
+            if self.space is None:
+                self.space = default_space(self.G)
+            if parse_space(self.space) == PIXEL:
+                self._pixel, self.G = True, None
+            else:
+                if self.G.img_channels != ctx.channels:
+                    raise FedLatentError(f"feddgm: generator {name!r} makes {self.G.img_channels}-channel images, the "
+                                         f"dataset has {ctx.channels}")
+                if self.G.c_dim and self.G.c_dim < ctx.num_classes:
+                    raise FedLatentError(f"feddgm: generator {name!r} knows {self.G.c_dim} classes, the dataset has "
+                                         f"{ctx.num_classes}")
+                self.G.check_k(parse_space(self.space))
+        if self._pixel:
+            self.space = "pixel"
+        self.generator_sha256 = generator_identity(self.generator_name)[1] if self.G is not None else None
+        self.model = ctx.build_model()
+        if self.surrogate_spec == ctx.config.model:
+            self.surrogate = self.model
+        else:
+            self.surrogate = ctx.build_model(self.surrogate_spec, key="feddgm-surrogate")
+        if any(True for _ in self.surrogate.buffers()):
+            raise FedLatentError(f"feddgm: the surrogate {self.surrogate_spec!r} has buffers (e.g. batch norm); "
+                                 "trajectory matching needs a buffer-free student such as the instance-norm ConvNet")
+        self.flat = FlatModel(self.surrogate)
+        self._sent: tuple[int, torch.Tensor] | None = None
+        self.pool, self.round_log = None, []
+
+    # -- engine hooks ----------------------------------------------------------------------------------
+    def client_payload(self, rnd: int, client_id: int) -> TensorDict:
+        if self._sent is None or self._sent[0] != rnd:
+            self._sent = (rnd, self.flat.flatten())
+        return {"params": self._sent[1]}
+
+    def client_update(self, ctx: FLContext, rnd: int, client_id: int, payload: TensorDict, data: ClientData) -> Upload:
+        cfg = ctx.config
+        model = client_model(ctx, self.surrogate_spec)
+        flat = FlatModel(model)
+        start = payload["params"].detach()
+        flat.load(start)
+        metrics = local_train(model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              generator=torch_generator(cfg.seed, "client", rnd, data.client_id))
+        return Upload(client_id=data.client_id, tensors={"start": start.clone(), "end": flat.flatten()},
+                      num_samples=len(data), metrics=metrics)
+
+    def expected_upload(self, client_id: int) -> UploadSpec:
+        p = next(self.surrogate.parameters())
+        return {"start": ((self.flat.numel,), p.dtype), "end": ((self.flat.numel,), p.dtype)}
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    # -- the server ------------------------------------------------------------------------------------
+    def _synthetic(self, seed: int):
+        """A fresh synthetic set for one client: latents for all classes (or pixel noise) and the labels."""
+        from ...generators.latent import LatentSet
+        from ...synthetic import PixelSet
+
+        ctx = self.ctx
+        labels = torch.arange(ctx.num_classes).repeat_interleave(self.ipc).to(ctx.device)
+        if self._pixel:
+            g = torch_generator(seed, "init", "pixel")
+            x = torch.randn(len(labels), ctx.channels, ctx.image_size, ctx.image_size, generator=g)
+            syn = PixelSet(x.to(ctx.device))
+            return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
+        ls = LatentSet.initialize(self.G, self.space, self.ipc, num_classes=ctx.num_classes, seed=seed, init=self.init,
+                                  mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
+        return ls, labels, torch.optim.SGD(ls.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
+
+    def make_distillers(self, rnd: int, uploads: Sequence[Upload]) -> list[Distiller]:
+        """One engine Distiller per upload: start -> end segment, fresh latents, seeds (seed, round, client)."""
+        ctx = self.ctx
+        out = []
+        for u in uploads:
+            seed = derive_seed(ctx.config.seed, "feddgm", rnd, u.client_id)
+            start = u.tensors["start"].detach().to(ctx.device)
+            end = u.tensors["end"].detach().to(ctx.device)
+            syn, labels, opt = self._synthetic(derive_seed(seed, "latents"))
+            cfg = DistillConfig(syn_steps=self.syn_steps, expert_epochs=1, max_start_epoch=1, batch_syn=self.batch_syn,
+                                lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2, lr_label=0.0,
+                                lr_teacher=self.lr_teacher, momentum=self.momentum, mode=self.mtt_mode,
+                                dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)), dsa_strategy=self.dsa_strategy,
+                                dsa_siamese=False, seed=derive_seed(seed, "mtt"))
+            out.append(Distiller(self.surrogate, syn, labels, (lambda it, s=start, e=end: (s, e)), cfg,
+                                 image_optimizer=opt))
+        return out
+
+    def _use_batched(self) -> bool:
+        if self.batched == "auto":
+            return torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
+        return bool(self.batched)
+
+    def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
+        ctx = self.ctx
+        sent = self._sent[1] if self._sent is not None else self.flat.flatten()
+        good: list[Upload] = []
+        mismatch = unchanged = 0
+        for u in sorted(uploads, key=lambda u: u.client_id):
+            if not torch.equal(u.tensors["start"].to(sent), sent):
+                log.warning("round %d: client %d uploaded a start that is not the global surrogate; dropped",
+                            rnd, u.client_id)
+                mismatch += 1
+            elif torch.equal(u.tensors["end"], u.tensors["start"]):
+                log.warning("round %d: client %d did not move (end == start); nothing to distil", rnd, u.client_id)
+                unchanged += 1
+            else:
+                good.append(u)
+        extra: dict[str, float] = {"start_mismatch": float(mismatch), "unchanged": float(unchanged)}
+        if not good:
+            log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
+            return extra
+        t0 = time.perf_counter()
+        use_batch = self._use_batched() and self.mtt_mode == "exact"
+        if self.distill_map is not None and not use_batch:
+            sets, bsz = self._distill_mapped(rnd, good), 1
+            t_distill = time.perf_counter() - t0
+        else:
+            distillers = self.make_distillers(rnd, good)
+            runs, bsz = distill_clients(distillers, [u.client_id for u in good], self.iterations, batched=use_batch,
+                                        max_batch=self.max_batch, device=ctx.device, progress=self.progress,
+                                        desc=f"feddgm round {rnd}")
+            t_distill = time.perf_counter() - t0
+            sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
+        runs = [st.run for st in sets]
+        parts = []
+        dropped: set[int] = set()
+        for u, st in zip(good, sets):
+            if st.images is None:
+                log.warning("round %d: the distillation of client %d failed (%s); its set is dropped",
+                            rnd, u.client_id, st.run.failure)
+                dropped.add(u.client_id)
+                continue
+            if not torch.isfinite(st.images).all():
+                log.warning("round %d: client %d's distilled images are not finite (%s); its set is dropped",
+                            rnd, u.client_id, st.run.failure)
+                dropped.add(u.client_id)
+                continue
+            n = st.images.shape[0]
+            parts.append(Pool(st.images, st.labels, torch.full((n,), u.client_id, dtype=torch.long),
+                              torch.full((n,), rnd, dtype=torch.long), st.ws, st.f_k))
+        extra["distill_dropped"] = float(len(dropped))
+        if not parts:
+            lost = sum(st.images is None for st in sets)
+            log.warning("round %d: no usable distilled set (%d diverged%s); the global state is unchanged", rnd,
+                        len(sets) - lost, f", {lost} failed" if lost else "")
+            return extra
+        this_round = Pool.cat(parts)
+        self.pool = this_round if self.pool_mode == "round" or self.pool is None else Pool.cat([self.pool, this_round])
+        # server training on the pool
+        t1 = time.perf_counter()
+        aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
+        targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
+        train_loss = {}
+        for name, m in targets:
+            train_loss[name] = train_on_pool(
+                m, self.pool.images, self.pool.labels, epochs=self.train_epochs, lr=self.train_lr,
+                momentum=self.train_momentum, weight_decay=self.train_weight_decay, batch_size=self.train_batch,
+                augment=aug, generator=torch_generator(ctx.config.seed, "feddgm", "train", rnd, name))
+        t_train = time.perf_counter() - t1
+        final_losses = [r.losses[-1] for r in runs if r.losses]
+        first_losses = [r.losses[0] for r in runs if r.losses]
+        failures = [r for r in runs if r.failure]
+        for r in failures:
+            if r.client_id not in dropped:  # a dropped set was logged above
+                log.warning("round %d: distillation of client %d stopped at %s; its last good set is used",
+                            rnd, r.client_id, r.failure)
+        entry = {"round": rnd, "clients": [r.client_id for r in runs], "loss_first": first_losses,
+                 "loss_last": final_losses, "lr": [r.lr if math.isfinite(r.lr) else None for r in runs],
+                 "failures": [r.failure for r in runs], "batch": bsz}
+        self.round_log.append(entry)
+        extra.update({
+            "distill_loss": float(np.mean(final_losses)) if final_losses else math.nan,
+            "distill_loss_first": float(np.mean(first_losses)) if first_losses else math.nan,
+            "syn_lr": _finite_mean([r.lr for r in runs]), "distill_failed": float(len(failures)),
+            "pool_size": float(len(self.pool.images)), "server_train_loss": train_loss["global"],
+            "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz),
+        })
+        if "surrogate" in train_loss:
+            extra["surrogate_train_loss"] = train_loss["surrogate"]
+        if self.save_artifacts and getattr(ctx, "run_dir", None):
+            self.save_round(ctx.run_dir, rnd)
+        return extra
+
+    def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
+        """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
+        seeds and iterations as the loop over all clients, so the same numbers. In a :meth:`worker_view` the
+        generator is loaded here, by name, once per process (:func:`worker_generator`)."""
+        if self.G is None and getattr(self, "_g_by_name", None) is not None:
+            self.G = worker_generator(self._g_by_name, self.ctx.device, self.generator_sha256)
+        d = self.make_distillers(rnd, [upload])[0]
+        runs, _ = distill_clients([d], [upload.client_id], self.iterations, batched=False, progress=False)
+        return harvest(d, runs[0], self._pixel)
+
+    def _distill_mapped(self, rnd: int, good: Sequence[Upload]) -> list[DistilledSet]:
+        """Every client's :meth:`distill_client` through :attr:`distill_map`; a job the runner reports as failed
+        (a :class:`fedlatent.fl.simulation.ClientFailure`) becomes a set without images (dropped and logged by
+        :meth:`aggregate`). When every job failed - errors, not diverged sets - FedLatentError is raised with
+        the first error (going on would repeat rounds that change nothing)."""
+        out, errors = [], []
+        for u, res in zip(good, self.distill_map(self.distill_client, [(rnd, u) for u in good])):
+            if isinstance(res, DistilledSet):
+                out.append(res)
+            else:
+                err = getattr(res, "error", None) or repr(res)
+                errors.append((u.client_id, err))
+                out.append(DistilledSet(ClientRun(u.client_id, failure=f"job failed: {err}"), None, None))
+        if errors and len(errors) == len(good):
+            cid, err = errors[0]
+            raise FedLatentError(f"round {rnd}: every distillation job failed ({len(errors)} of {len(good)}); "
+                                 f"first error (client {cid}): {err}")
+        return out
+
+    def worker_view(self) -> "FedDGM":
+        """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
+        shallow copy without the pool, the round log, the global model (when it is not the surrogate), the
+        flat-parameter helper, the sent payload and the runner hook. The generator goes by name when setup
+        loaded it from one (the worker loads it itself, once per process, and checks its sha256 against this
+        run's); a generator object set on the strategy otherwise (e.g. ``strategy.G = obj`` in a program) has
+        no name to load and is shipped as it is. On a cluster, the name must therefore resolve on every node
+        (same manifest entry / checkpoint path)."""
+        v = copy.copy(self)
+        d = v.__dict__
+        d.pop("distill_map", None)
+        d.update(pool=None, round_log=[], _sent=None, flat=None)
+        if getattr(self, "surrogate", None) is not getattr(self, "model", None):
+            d["model"] = None
+        src = getattr(self, "_g_source", None)
+        d["_g_source"] = None
+        if self.__dict__.get("G") is not None and src is not None and src[1] is self.G:
+            d["G"], d["_g_by_name"] = None, src[0]
+        return v
+
+    # -- artefacts -------------------------------------------------------------------------------------
+    def export_metadata(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {"method": "feddgm", "options": self.options(), "surrogate": self.surrogate_spec,
+                "model": ctx.config.model, "clients": ctx.config.clients, "partition": ctx.config.partition,
+                "alpha": ctx.config.alpha, "rounds_done": self.round_log[-1]["round"] if self.round_log else 0}
+
+    def save_distilled(self, path: str | os.PathLike, uint8: bool = False) -> Path | None:
+        """Write the current pool as a distilled set (:mod:`fedlatent.export`); None when there is no pool."""
+        from ...export import save_distilled
+
+        if self.pool is None:
+            return None
+        ctx = self.ctx
+        p = self.pool
+        return save_distilled(path, p.images, p.labels, dataset=self.dataset or "",
+                              class_names=ctx.class_names, mean=ctx.mean, std=ctx.std,
+                              generator=self.generator_name if self.G is not None else None,
+                              generator_sha256=self.generator_sha256, latent_space=self.space, ipc=self.ipc,
+                              seed=ctx.config.seed, clients=p.clients, rounds=p.rounds,
+                              latents={"ws": p.ws, "f_k": p.f_k}, extra=self.export_metadata(), uint8=uint8)
+
+    def save_round(self, folder: str | os.PathLike, rnd: int) -> None:
+        folder = Path(folder)
+        self.save_distilled(folder / DISTILLED_FILE)
+        cur = self.pool
+        mask = cur.rounds == rnd
+        save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], cur.labels[mask], cur.clients[mask],
+                        self.ctx.mean, self.ctx.std, self.ctx.class_names,
+                        title=f"FedDGM round {rnd}: distilled images per class ({self.space}; columns ordered by client)")
+
+    # -- checkpoint ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        st: dict[str, Any] = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                              "pool": None if self.pool is None else self.pool.state(),
+                              "round_log": copy.deepcopy(self.round_log)}
+        if self.surrogate is not self.model:
+            st["surrogate"] = {k: v.detach().clone() for k, v in self.surrogate.state_dict().items()}
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.surrogate is not self.model:
+            if "surrogate" not in state:
+                raise FedLatentError("feddgm: checkpoint has no surrogate state but the run uses a separate surrogate")
+            self.surrogate.load_state_dict(state["surrogate"])
+        self.pool = Pool.from_state(state.get("pool"))
+        self.round_log = list(state.get("round_log") or [])
+        self._sent = None
+
+
+__all__ = ["FedDGM", "Pool", "DistilledSet", "harvest", "train_on_pool"]
