@@ -2,6 +2,7 @@
 run folder with report.md, checkpoints, resume)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,13 +16,28 @@ import torch
 from ..artifacts import DISTILLED_FILE, REPORT_FILE
 from ..artifacts.report import write_report
 from ..errors import FedLatentError
-from ..fl.methods.feddgm import FedDGM
+from ..fl.base import FLConfig
+from ..fl.methods.feddgm import FedDGM, FedDGMConfig
+from ..fl.options import split_options
 from ..generators.resolve import default_generator, generator_identity
 
 log = logging.getLogger("fedlatent.apps.distill")
 
-# =============================================================================================
-# The Python API behind `fedlatent distill`
+@dataclass(frozen=True)
+class Preset:
+    """A documented configuration of ``fedlatent distill``: the FL settings and the FedDGM options."""
+
+    config: FLConfig
+    method: FedDGMConfig
+
+    def differences(self) -> dict[str, dict[str, Any]]:
+        """Where this preset differs from the defaults of :class:`FLConfig` and :class:`FedDGMConfig`."""
+        out: dict[str, dict[str, Any]] = {}
+        for part, default in (("config", FLConfig()), ("method", FedDGMConfig())):
+            mine = dataclasses.asdict(getattr(self, part))
+            out[part] = {k: v for k, v in mine.items() if v != getattr(default, k)}
+        return out
+
 
 #: Documented configurations.
 #:
@@ -33,22 +49,20 @@ log = logging.getLogger("fedlatent.apps.distill")
 #: 1000 saturates the images within a few rounds (measured: 0.62 vs 0.92 final accuracy).
 #: "paper": the FedDGM reference schedule (10 clients, Dirichlet 0.5, 20 rounds of 20 local epochs, ConvNet-D3
 #: width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5, 1000 server epochs) for GPUs.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "cpu": {
-        "config": {"clients": 5, "participation": 1.0, "rounds": 3, "local_epochs": 5, "lr": 0.01, "momentum": 0.0,
-                   "weight_decay": 0.0, "batch_size": 32, "partition": "dirichlet", "alpha": 0.5,
-                   "model": "convnet:width=16"},
-        "method": {"ipc": 2, "iterations": 20, "syn_steps": 8, "lr_img": 100.0, "lr_w": 1.0, "lr_lr": 1e-5,
-                   "lr_teacher": 0.01, "surrogate": "convnet:width=16", "train_epochs": 100, "train_batch": 256,
-                   "dsa_strategy": "color_crop_cutout_scale_rotate"},
-    },
-    "paper": {
-        "config": {"clients": 10, "participation": 1.0, "rounds": 20, "local_epochs": 20, "lr": 0.01, "momentum": 0.0,
-                   "weight_decay": 0.0, "batch_size": 256, "partition": "dirichlet", "alpha": 0.5,
-                   "model": "convnet-d3:width=128"},
-        "method": {"ipc": 10, "iterations": 100, "syn_steps": 20, "lr_img": 1000.0, "lr_w": 1.0, "lr_lr": 1e-5,
-                   "lr_teacher": 0.01, "surrogate": "convnet-d3:width=128", "train_epochs": 1000, "train_batch": 256},
-    },
+#: Each is a pair of config instances; :meth:`Preset.differences` lists where it differs from the defaults
+#: (``fedlatent methods feddgm`` prints that).
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset(
+        FLConfig(clients=5, participation=1.0, rounds=3, local_epochs=5, lr=0.01, momentum=0.0, weight_decay=0.0,
+                 batch_size=32, partition="dirichlet", alpha=0.5, model="convnet:width=16"),
+        FedDGMConfig(ipc=2, iterations=20, syn_steps=8, lr_img=100.0, lr_w=1.0, lr_lr=1e-5, lr_teacher=0.01,
+                     surrogate="convnet:width=16", train_epochs=100, train_batch=256,
+                     dsa_strategy="color_crop_cutout_scale_rotate")),
+    "paper": Preset(
+        FLConfig(clients=10, participation=1.0, rounds=20, local_epochs=20, lr=0.01, momentum=0.0, weight_decay=0.0,
+                 batch_size=256, partition="dirichlet", alpha=0.5, model="convnet-d3:width=128"),
+        FedDGMConfig(ipc=10, iterations=100, syn_steps=20, lr_img=1000.0, lr_w=1.0, lr_lr=1e-5, lr_teacher=0.01,
+                     surrogate="convnet-d3:width=128", train_epochs=1000, train_batch=256)),
 }
 
 
@@ -75,23 +89,10 @@ class DistillResult:
 
 
 def _split_options(options: Mapping[str, Any]) -> tuple[dict, dict]:
-    from ..fl.base import FLConfig
-
-    fl_fields = set(FLConfig.__dataclass_fields__)
-    import inspect
-
-    method_fields = set(inspect.signature(FedDGM.__init__).parameters) - {"self"}
-    cfg, meth = {}, {}
-    for k, v in options.items():
-        if v is None and k not in ("generator", "space", "batch_syn", "max_batch"):
-            continue
-        if k in fl_fields:
-            cfg[k] = v
-        elif k in method_fields:
-            meth[k] = v
-        else:
-            raise FedLatentError(f"unknown distill option {k!r}; valid: {', '.join(sorted(fl_fields | method_fields))}")
-    return cfg, meth
+    """FLConfig fields and FedDGM options of ``distill_federated``'s keywords (None = not given, except where
+    None is a value: generator, space, batch_syn, max_batch)."""
+    given = {k: v for k, v in options.items() if v is not None or k in ("generator", "space", "batch_syn", "max_batch")}
+    return split_options(FedDGM, given, what="distill option")
 
 
 def private_training_data(data, generator: str | None):
@@ -152,7 +153,6 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
                        data, exclude_public, runner, options):
     """The body of :func:`distill_federated` (``runner``: None or a started-on-demand RayBackend)."""
     from ..data import load_dataset
-    from ..fl.base import FLConfig
     from ..fl.checkpoint import has_checkpoint, load_checkpoint, make_checkpoint_fn, resume_state
     from ..fl.run import RunFolder, read_metrics
     from ..fl.simulation import run_simulation
@@ -183,8 +183,8 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
         if preset not in PRESETS:
             raise FedLatentError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         o_cfg, o_meth = _split_options(options)
-        cfg_opts = {**PRESETS[preset]["config"], **o_cfg}
-        meth_opts = {**PRESETS[preset]["method"], **o_meth}
+        cfg_opts = {**dataclasses.asdict(PRESETS[preset].config), **o_cfg}
+        meth_opts = {**dataclasses.asdict(PRESETS[preset].method), **o_meth}
         if out is None:
             out = Path("runs") / f"feddgm-{dataset.replace(':', '_').replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     meth_opts["progress"] = progress
@@ -215,7 +215,8 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
     if resume is not None and saved.get("data_check") not in (None, data_check):
         raise FedLatentError(f"{resume}: the training data differ from the original run's ({saved['data_check']} vs "
                              f"{data_check}); cannot resume")
-    meth_opts.setdefault("dataset", data.name)
+    if meth_opts.get("dataset") is None:
+        meth_opts["dataset"] = data.name
     strategy = FedDGM(**meth_opts)
     if out is not None and resume is None and overwrite:  # stale artefacts of an older run in this folder
         _clean_artifacts(Path(out))
@@ -250,4 +251,4 @@ def _clean_artifacts(folder: Path) -> None:
 
 
 
-__all__ = ["PRESETS", "DistillResult", "distill_federated", "private_training_data"]
+__all__ = ["Preset", "PRESETS", "DistillResult", "distill_federated", "private_training_data"]

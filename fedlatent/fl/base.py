@@ -196,16 +196,20 @@ def tensor_bytes(tensors: TensorDict) -> int:
 class Strategy:
     """Base class of a federated method. Subclasses set ``name`` and override the hooks below.
 
-    Hyper-parameters are constructor arguments; :meth:`options` returns them for config.json.
+    Hyper-parameters are the fields of the method's ``config_class`` (a dataclass validated in its
+    ``__post_init__``; see :mod:`fedlatent.fl.options`): ``Method(config)`` or ``Method(**options)``, stored
+    as ``self.config``; :meth:`options` returns them for config.json.
     """
 
     name: ClassVar[str] = "base"
     heterogeneous: ClassVar[bool] = False   # True: accepts clients with different architectures
+    config_class: ClassVar[type | None] = None  # the method's options dataclass (None: no options)
     ctx: FLContext
 
     def options(self) -> dict[str, Any]:
-        """Method hyper-parameters (JSON-serialisable), recorded in config.json."""
-        return {}
+        """Method hyper-parameters (JSON-serialisable), recorded in config.json: the config's fields."""
+        cfg = getattr(self, "config", None)
+        return asdict(cfg) if cfg is not None and self.config_class is not None else {}
 
     def setup(self, ctx: FLContext) -> None:
         """Called once before round 1: build server state (e.g. the initial global model)."""

@@ -8,7 +8,6 @@ and carves exactly the engine's partition out of its copy of the data (:func:`cl
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -83,23 +82,11 @@ class RunSpec:
 
 
 def split_options(method: str, options: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Split ``options`` into FLConfig fields and constructor arguments of ``method`` (unknown -> error)."""
-    from ..fl.base import FLConfig, get_method
+    """Split ``options`` into FLConfig fields and options of ``method`` (unknown -> error)."""
+    from ..fl.base import get_method
+    from ..fl.options import split_options as split
 
-    fl_fields = set(FLConfig.__dataclass_fields__)
-    params = inspect.signature(get_method(method).__init__).parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    method_fields = set(params) - {"self"}
-    cfg, meth = {}, {}
-    for k, v in options.items():
-        if k in fl_fields:
-            cfg[k] = v
-        elif k in method_fields or takes_kwargs:
-            meth[k] = v
-        else:
-            raise FedLatentError(f"unknown option {k!r} for method {method!r}; valid: "
-                                 f"{', '.join(sorted(fl_fields | method_fields - {'args', 'kwargs'}))}")
-    return cfg, meth
+    return split(get_method(method), options, where=f" for method {method!r}")
 
 
 def _value(v: Any) -> Any:
@@ -173,8 +160,9 @@ def public_split_generator(spec: RunSpec) -> str | None:
     """The generator whose public split ``exclude_public`` removes: the method's (FedDGM: its ``generator`` or the
     dataset's default one); None for methods without a generator or in pixel space."""
     from ..fl.base import get_method
+    from ..fl.options import option_names
 
-    if "generator" not in inspect.signature(get_method(spec.method).__init__).parameters:
+    if "generator" not in option_names(get_method(spec.method)):
         return None
     gen = spec.method_options.get("generator")
     space = str(spec.method_options.get("space") or "").lower()

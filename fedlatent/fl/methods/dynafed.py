@@ -45,6 +45,7 @@ the pseudo set before fine-tuning (the default ConvNet uses instance norm).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +70,7 @@ from ...errors import FedLatentError, is_diverged
 from ...models.functional import FlatModel
 from ...utils import atomic_write, derive_seed, torch_generator
 from ..base import FLContext, Upload, register_method
+from ..options import make_config
 from .fedavg import FedAvg
 
 log = logging.getLogger("fedlatent.fl.dynafed")
@@ -278,86 +280,129 @@ def finetune_on_pseudo(model: nn.Module, pseudo: PseudoSet, *, epochs: int, lr: 
 # The strategy
 
 
+@dataclass
+class DynaFedConfig:
+    """Options of :class:`DynaFed`. Defaults are scaled for a CPU (tuned on Fashion-MNIST, alpha 0.01, 20 clients,
+    ConvNet width 16, local momentum SGD); each field gives the paper / reference (pipilurj/DynaFed) value."""
+
+    synth_round: int = 20
+    """Round L at which the pseudo set is synthesised, once [reference: when 25 snapshots exist, i.e. 24]."""
+    ipc: int = 10
+    """Pseudo images per class [15]."""
+    iterations: int = 200
+    """Trajectory-matching iterations of the synthesis [3000]."""
+    syn_steps: int = 10
+    """Student steps per iteration (MTT eq. 1) [20]."""
+    expert_epochs: int = 3
+    """Rounds a matched segment spans [3]."""
+    min_start: int = 0
+    """Earliest segment start (snapshot index) [0]."""
+    max_start: int = 50
+    """Latest segment start [50]."""
+    weight_averaging: bool = True
+    """Target = mean of several snapshots of the segment (DynaFed's weight averaging) [True]."""
+    least_ave_num: int = 2
+    """Fewest snapshots averaged into a target [2]."""
+    max_ave_num: int = 10
+    """Most snapshots averaged into a target [10]."""
+    lr_img: float = 0.05
+    """Adam step on the pseudo images [5e-2]."""
+    lr_label: float = 0.01
+    """Adam step on the soft-label logits [1e-2]."""
+    lr_lr: float = 1e-5
+    """Adam step on the learnable student lr [1e-5]."""
+    lr_teacher: float = 0.4
+    """Initial student lr, class-mean KD units (module docstring) [0.04]: momentum-SGD clients move the global
+    model much further per round than the reference's Adam(1e-3) clients; with 0.04 the student covers a sixth of
+    a 3-round segment and the matching loss stays high."""
+    label_init: float = 5.0
+    """Soft-label logits start at label_init * onehot [0 in the experiment scripts, 10 as the argparse default]:
+    from uniform labels a few hundred iterations leave them nearly uniform and collapsed onto a few classes."""
+    batch_syn: int | None = None
+    """Pseudo images per student step (None: the whole set) [same]."""
+    dsa: bool = True
+    """Differentiable siamese augmentation in the student steps [True]."""
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    """DSA transformations [same]."""
+    mtt_mode: str = "exact"
+    """Meta-gradient: 'exact' (constant memory) or 'unrolled' (same gradient, faster for small models, memory
+    grows with syn_steps)."""
+    finetune_epochs: int = 8
+    """Server fine-tuning epochs on the pseudo set, every round from synth_round on [8 FMNIST / 20 CIFAR-10]."""
+    finetune_lr: float = 1e-3
+    """Adam lr of the fine-tuning [1e-4; at 1e-4 the server step is too small against momentum-SGD clients]."""
+    finetune_batch: int = 256
+    """Fine-tuning minibatch size [256]."""
+    finetune_dsa: bool = True
+    """DSA during fine-tuning [True]."""
+    progress: bool = True
+    """Show a progress bar during the synthesis."""
+    save_artifacts: bool = True
+    """Write pseudo.safetensors, pseudo.png and synthesis_loss.png into the run folder."""
+
+    def __post_init__(self):
+        def bad(msg: str) -> None:
+            raise FedLatentError(f"dynafed: {msg}")
+
+        ints = ("synth_round", "ipc", "iterations", "syn_steps", "expert_epochs", "min_start", "max_start",
+                "least_ave_num", "max_ave_num", "finetune_epochs", "finetune_batch")
+        for k in ints:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                bad(f"{k} must be an integer, got {v!r}")
+        if self.expert_epochs < 1 or self.syn_steps < 1 or self.ipc < 1 or self.finetune_batch < 1:
+            bad("expert_epochs, syn_steps, ipc and finetune_batch must be >= 1")
+        if self.iterations < 0 or self.finetune_epochs < 0 or self.min_start < 0 or self.max_start < 0:
+            bad("iterations, finetune_epochs, min_start and max_start must be >= 0")
+        if self.synth_round < self.expert_epochs:
+            bad(f"synth_round ({self.synth_round}) must be >= expert_epochs ({self.expert_epochs}): a segment spans "
+                f"expert_epochs rounds of the global trajectory")
+        if self.least_ave_num < 1 or self.max_ave_num < self.least_ave_num:
+            bad("need 1 <= least_ave_num <= max_ave_num")
+        for k in ("lr_img", "lr_label", "lr_lr", "finetune_lr"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(f"{k} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.lr_teacher, (int, float)) and math.isfinite(self.lr_teacher) and self.lr_teacher > 0):
+            bad(f"lr_teacher must be > 0, got {self.lr_teacher!r}")
+        if not (isinstance(self.label_init, (int, float)) and math.isfinite(self.label_init)):
+            bad(f"label_init must be a finite number, got {self.label_init!r}")
+        b = self.batch_syn
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            bad(f"batch_syn must be a positive integer or null, got {b!r}")
+        if self.mtt_mode not in ("exact", "unrolled"):
+            bad(f"mtt_mode must be 'exact' or 'unrolled', got {self.mtt_mode!r}")
+        parse_strategy(str(self.dsa_strategy))
+        for k in ints:
+            setattr(self, k, int(getattr(self, k)))
+        for k in ("lr_img", "lr_label", "lr_lr", "lr_teacher", "label_init", "finetune_lr"):
+            setattr(self, k, float(getattr(self, k)))
+        for k in ("weight_averaging", "dsa", "finetune_dsa", "progress", "save_artifacts"):
+            setattr(self, k, bool(getattr(self, k)))
+        self.batch_syn = None if b is None else int(b)
+        self.dsa_strategy = str(self.dsa_strategy)
+
+    def synthesis(self) -> "SynthesisConfig":
+        """The synthesis part (what :func:`synthesize` takes)."""
+        return SynthesisConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SynthesisConfig)})
+
+
 @register_method("dynafed")
 class DynaFed(FedAvg):
     """FedAvg + one-off trajectory-matching synthesis at round ``synth_round`` + server fine-tuning.
 
-    Defaults are scaled for a CPU (tuned on Fashion-MNIST, alpha 0.01, 20 clients, ConvNet width 16,
-    local momentum SGD); the paper / reference value is given in brackets.
-
-    Synthesis, once, at round ``synth_round`` 20 [reference: when 25 snapshots exist, i.e. 24]:
-        ipc 10 [15], iterations 200 [3000], syn_steps 10 [20], expert_epochs 3 [3], min_start 0 [0],
-        max_start 50 [50], weight_averaging True [True], least_ave_num 2 [2], max_ave_num 10 [10],
-        lr_img 0.05 [5e-2, Adam], lr_label 0.01 [1e-2, Adam], lr_lr 1e-5 [1e-5, Adam on the lr],
-        batch_syn None = the whole set [same], dsa True [True], dsa_strategy
-        color_crop_cutout_flip_scale_rotate [same], mtt_mode "exact" (or "unrolled": the same
-        gradient, faster for small models, memory grows with syn_steps).
-        lr_teacher 0.4 [0.04] (class-mean KD units, see the module docstring): our clients run
-        momentum SGD, which moves the global model much further per round than the reference's
-        Adam(1e-3) clients; with 0.04 the student covers a sixth of a 3-round segment and, as
-        lr_lr barely moves it in a few hundred iterations, the matching loss stays high.
-        label_init 5 [0 in the experiment scripts, 10 as the argparse default]: from uniform soft
-        labels (0) a few hundred iterations leave the labels nearly uniform and collapsed onto a
-        few classes (a set that trains a fresh ConvNet to ~20% instead of ~65% on FMNIST).
-    Server fine-tuning, every round from ``synth_round`` on:
-        finetune_epochs 8 [8 FMNIST / 20 CIFAR-10], finetune_lr 1e-3 [1e-4, Adam; at 1e-4 the
-        server step is too small against momentum-SGD clients: no gain over FedAvg on CPU],
-        finetune_batch 256 [256], finetune_dsa True [True].
-    ``progress`` shows a tqdm bar during the synthesis; ``save_artifacts`` writes the pseudo-set files.
+    Options: :class:`DynaFedConfig` (CPU-scaled defaults, the reference's value at each field).
     """
 
-    def __init__(self, synth_round: int = 20, ipc: int = 10, iterations: int = 200, syn_steps: int = 10,
-                 expert_epochs: int = 3, min_start: int = 0, max_start: int = 50, weight_averaging: bool = True,
-                 least_ave_num: int = 2, max_ave_num: int = 10, lr_img: float = 0.05, lr_label: float = 0.01,
-                 lr_lr: float = 1e-5, lr_teacher: float = 0.4, label_init: float = 5.0, batch_syn: int | None = None,
-                 dsa: bool = True, dsa_strategy: str = "color_crop_cutout_flip_scale_rotate", mtt_mode: str = "exact",
-                 finetune_epochs: int = 8, finetune_lr: float = 1e-3, finetune_batch: int = 256,
-                 finetune_dsa: bool = True, progress: bool = True, save_artifacts: bool = True):
-        def bad(msg: str) -> None:
-            raise FedLatentError(f"dynafed: {msg}")
+    config_class = DynaFedConfig
 
-        ints = dict(synth_round=synth_round, ipc=ipc, iterations=iterations, syn_steps=syn_steps,
-                    expert_epochs=expert_epochs, min_start=min_start, max_start=max_start,
-                    least_ave_num=least_ave_num, max_ave_num=max_ave_num, finetune_epochs=finetune_epochs,
-                    finetune_batch=finetune_batch)
-        for k, v in ints.items():
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                bad(f"{k} must be an integer, got {v!r}")
-        if expert_epochs < 1 or syn_steps < 1 or ipc < 1 or finetune_batch < 1:
-            bad("expert_epochs, syn_steps, ipc and finetune_batch must be >= 1")
-        if iterations < 0 or finetune_epochs < 0 or min_start < 0 or max_start < 0:
-            bad("iterations, finetune_epochs, min_start and max_start must be >= 0")
-        if synth_round < expert_epochs:
-            bad(f"synth_round ({synth_round}) must be >= expert_epochs ({expert_epochs}): a segment spans "
-                f"expert_epochs rounds of the global trajectory")
-        if least_ave_num < 1 or max_ave_num < least_ave_num:
-            bad("need 1 <= least_ave_num <= max_ave_num")
-        for k, v in dict(lr_img=lr_img, lr_label=lr_label, lr_lr=lr_lr, finetune_lr=finetune_lr).items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(f"{k} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(lr_teacher, (int, float)) and math.isfinite(lr_teacher) and lr_teacher > 0):
-            bad(f"lr_teacher must be > 0, got {lr_teacher!r}")
-        if not (isinstance(label_init, (int, float)) and math.isfinite(label_init)):
-            bad(f"label_init must be a finite number, got {label_init!r}")
-        if batch_syn is not None and (isinstance(batch_syn, bool) or not isinstance(batch_syn, int) or batch_syn < 1):
-            bad(f"batch_syn must be a positive integer or null, got {batch_syn!r}")
-        if mtt_mode not in ("exact", "unrolled"):
-            bad(f"mtt_mode must be 'exact' or 'unrolled', got {mtt_mode!r}")
-        parse_strategy(str(dsa_strategy))
-        self.synth = SynthesisConfig(
-            ipc=int(ipc), iterations=int(iterations), syn_steps=int(syn_steps), expert_epochs=int(expert_epochs),
-            min_start=int(min_start), max_start=int(max_start), weight_averaging=bool(weight_averaging),
-            least_ave_num=int(least_ave_num), max_ave_num=int(max_ave_num), lr_img=float(lr_img),
-            lr_label=float(lr_label), lr_lr=float(lr_lr), lr_teacher=float(lr_teacher), label_init=float(label_init),
-            batch_syn=None if batch_syn is None else int(batch_syn), dsa=bool(dsa), dsa_strategy=str(dsa_strategy),
-            mtt_mode=mtt_mode)
-        self.synth_round = int(synth_round)
-        self.finetune_epochs = int(finetune_epochs)
-        self.finetune_lr = float(finetune_lr)
-        self.finetune_batch = int(finetune_batch)
-        self.finetune_dsa = bool(finetune_dsa)
-        self.progress = bool(progress)
-        self.save_artifacts = bool(save_artifacts)
+    def __init__(self, config: DynaFedConfig | None = None, **options):
+        self.config = c = make_config(DynaFedConfig, config, options)
+        self.synth = c.synthesis()
+        self.synth_round = c.synth_round
+        self.finetune_epochs, self.finetune_lr = c.finetune_epochs, c.finetune_lr
+        self.finetune_batch, self.finetune_dsa = c.finetune_batch, c.finetune_dsa
+        self.progress, self.save_artifacts = c.progress, c.save_artifacts
         self.trajectory: list[torch.Tensor] = []
         self.pseudo: PseudoSet | None = None
         self.synthesized_round: int | None = None
@@ -466,6 +511,6 @@ class DynaFed(FedAvg):
         self.pseudo = None if p is None else PseudoSet(p["images"].clone(), p["label_logits"].clone(), float(p["lr"]))
 
 
-__all__ = ["DynaFed", "PseudoSet", "Segment", "SynthesisConfig", "SynthesisResult", "sample_segment", "segment_target",
+__all__ = ["DynaFed", "DynaFedConfig", "PseudoSet", "Segment", "SynthesisConfig", "SynthesisResult", "sample_segment", "segment_target",
            "init_pseudo_set", "synthesize", "GlobalTrajectorySampler", "finetune_on_pseudo", "save_pseudo_set", "load_pseudo_set",
            "save_pseudo_grid", "make_augment"]

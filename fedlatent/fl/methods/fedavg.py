@@ -7,12 +7,15 @@ FedProx: the same, with the proximal term (mu/2)||w - w^t||^2 added to every loc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ...utils import FedLatentError
 from ..aggregate import fedavg
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import train_client
+from ..options import make_config
 
 
 @register_method("fedavg")
@@ -51,21 +54,32 @@ class FedAvg(Strategy):
         self.model.load_state_dict(state["model"])
 
 
+@dataclass
+class FedProxConfig:
+    """Options of :class:`FedProx`."""
+
+    mu: float = 0.01
+    """Proximal coefficient mu of (mu/2)||w - w^t||^2 added to every local objective (FedProx eq. 2; 0 = FedAvg)."""
+
+    def __post_init__(self):
+        if not self.mu >= 0:
+            raise FedLatentError(f"FedProx mu must be >= 0, got {self.mu}")
+        self.mu = float(self.mu)
+
+
 @register_method("fedprox")
 class FedProx(FedAvg):
     """FedAvg whose clients minimise F_k(w) + (mu/2)||w - w^t||^2 (FedProx eq. 2)."""
 
-    def __init__(self, mu: float = 0.01):
-        if not mu >= 0:
-            raise FedLatentError(f"FedProx mu must be >= 0, got {mu}")
-        self.mu = float(mu)
+    config_class = FedProxConfig
 
-    def options(self) -> dict:
-        return {"mu": self.mu}
+    def __init__(self, config: FedProxConfig | None = None, **options):
+        self.config = make_config(FedProxConfig, config, options)
+        self.mu = self.config.mu
 
     def client_update(self, ctx: FLContext, rnd: int, client_id: int, payload: TensorDict,
                       data: ClientData) -> Upload:
         return train_client(ctx, rnd, payload, data, mu=self.mu)
 
 
-__all__ = ["FedAvg", "FedProx"]
+__all__ = ["FedAvg", "FedProx", "FedProxConfig"]

@@ -22,7 +22,9 @@ on the server and is never sent.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -33,6 +35,7 @@ from ...utils import FedLatentError, torch_generator
 from ..aggregate import fedavg
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, train_client
+from ..options import make_config
 from ..transfer import TransferSet, load_transfer_set, split_validation
 
 
@@ -134,34 +137,56 @@ def distill(student: nn.Module, x: torch.Tensor, teacher: torch.Tensor, *, steps
             "val_kd": best if has_val else math.nan, "val_kd_start": start if has_val else math.nan}
 
 
+@dataclass
+class FedDFConfig:
+    """Options of :class:`FedDF` (Lin et al. 2020, Alg. 1; see the module docstring)."""
+
+    transfer: str = "public"
+    """Unlabelled transfer set: 'public' (the FLConfig.public_fraction split), 'file:PATH' / PATH.safetensors (a
+    distilled set) or 'generator:NAME' (generator samples); see :mod:`fedlatent.fl.transfer`."""
+    transfer_size: int | None = None
+    """Use this many transfer samples (None: all)."""
+    distill_steps: int = 500
+    """Server distillation steps per round (at most; early stopping may end sooner)."""
+    distill_lr: float = 1e-3
+    """Adam learning rate of the server distillation (paper: Adam, 1e-3)."""
+    distill_batch_size: int = 64
+    """Transfer minibatch size of the server distillation."""
+    temperature: float = 1.0
+    """Softmax temperature T of the KD loss T^2 KL(teacher/T || student/T) (paper: 1)."""
+    val_fraction: float = 0.1
+    """Held-out part of the transfer set for early stopping on the validation KL to the teacher."""
+    val_every: int = 50
+    """Validate every this many steps."""
+    patience: int = 3
+    """Stop after this many validations without improvement and keep the best student (paper's early stopping)."""
+
+    def __post_init__(self):
+        if self.distill_steps < 0 or self.distill_batch_size < 1 or self.val_every < 1 or self.patience < 1:
+            raise FedLatentError("FedDF: distill_steps >= 0, distill_batch_size >= 1, val_every >= 1, patience >= 1")
+        if not self.distill_lr > 0 or not self.temperature > 0:
+            raise FedLatentError("FedDF: distill_lr and temperature must be > 0")
+        if not 0 <= self.val_fraction < 1:
+            raise FedLatentError(f"FedDF: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.transfer_size is not None and int(self.transfer_size) < 1:
+            raise FedLatentError(f"FedDF: transfer_size must be >= 1, got {self.transfer_size}")
+        self.transfer, self.transfer_size = str(self.transfer), None if self.transfer_size is None else int(self.transfer_size)
+        self.distill_steps, self.distill_lr = int(self.distill_steps), float(self.distill_lr)
+        self.distill_batch_size, self.temperature = int(self.distill_batch_size), float(self.temperature)
+        self.val_fraction, self.val_every, self.patience = float(self.val_fraction), int(self.val_every), int(self.patience)
+
+
 @register_method("feddf")
 class FedDF(Strategy):
     """FedDF with per-architecture students (heterogeneous clients via ``FLConfig.client_models``)."""
 
     heterogeneous = True
+    config_class = FedDFConfig
 
-    def __init__(self, transfer: str = "public", transfer_size: int | None = None, distill_steps: int = 500,
-                 distill_lr: float = 1e-3, distill_batch_size: int = 64, temperature: float = 1.0,
-                 val_fraction: float = 0.1, val_every: int = 50, patience: int = 3):
-        if distill_steps < 0 or distill_batch_size < 1 or val_every < 1 or patience < 1:
-            raise FedLatentError("FedDF: distill_steps >= 0, distill_batch_size >= 1, val_every >= 1, patience >= 1")
-        if not distill_lr > 0 or not temperature > 0:
-            raise FedLatentError("FedDF: distill_lr and temperature must be > 0")
-        if not 0 <= val_fraction < 1:
-            raise FedLatentError(f"FedDF: val_fraction must be in [0, 1), got {val_fraction}")
-        if transfer_size is not None and int(transfer_size) < 1:
-            raise FedLatentError(f"FedDF: transfer_size must be >= 1, got {transfer_size}")
-        self.transfer, self.transfer_size = str(transfer), None if transfer_size is None else int(transfer_size)
-        self.distill_steps, self.distill_lr = int(distill_steps), float(distill_lr)
-        self.distill_batch_size, self.temperature = int(distill_batch_size), float(temperature)
-        self.val_fraction, self.val_every, self.patience = float(val_fraction), int(val_every), int(patience)
+    def __init__(self, config: FedDFConfig | None = None, **options):
+        self.config = make_config(FedDFConfig, config, options)
+        vars(self).update(dataclasses.asdict(self.config))
         self.teacher_logits: torch.Tensor | None = None  # the last round's ensemble on the whole transfer set
-
-    def options(self) -> dict:
-        return {"transfer": self.transfer, "transfer_size": self.transfer_size, "distill_steps": self.distill_steps,
-                "distill_lr": self.distill_lr, "distill_batch_size": self.distill_batch_size,
-                "temperature": self.temperature, "val_fraction": self.val_fraction, "val_every": self.val_every,
-                "patience": self.patience}
 
     def setup(self, ctx: FLContext) -> None:
         super().setup(ctx)
@@ -230,4 +255,4 @@ class FedDF(Strategy):
             self.students[a].load_state_dict(sd)
 
 
-__all__ = ["model_logits", "ensemble_logits", "kd_loss", "distill", "FedDF"]
+__all__ = ["FedDFConfig", "model_logits", "ensemble_logits", "kd_loss", "distill", "FedDF"]

@@ -31,6 +31,7 @@ driver behind ``fedlatent distill`` (presets, resume, report): :mod:`fedlatent.a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ from ...models.functional import FlatModel
 from ...utils import derive_seed, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, local_train
+from ..options import check_int, check_number, make_config
 
 log = logging.getLogger("fedlatent.fl.feddgm")
 
@@ -127,38 +129,122 @@ def _finite_mean(values: Sequence[float]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def _int(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise FedLatentError(f"feddgm: {name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
+@dataclass
+class FedDGMConfig:
+    """Options of :class:`FedDGM`. Defaults follow the reference (FedDG23/FedDG-main, its CIFAR-10 README command)
+    where it has one; ``fedlatent distill`` starts from a preset instead (:data:`fedlatent.apps.distill.PRESETS`:
+    "cpu", the default there, and "paper"), which says where it differs."""
 
+    generator: str | None = None
+    """Generator: a manifest name (``fedlatent pretrained list``) or a checkpoint path; None = the dataset's
+    default (:func:`fedlatent.generators.resolve.default_generator`)."""
+    space: str | None = None
+    """Latent space ``F<k>``, ``W+`` or ``pixel`` (GLaD); None = :func:`fedlatent.generators.resolve.default_space`
+    (F5 for StyleGAN-XL, as the reference's CIFAR-10 layer)."""
+    ipc: int = 10
+    """Distilled images per class per client (reference: 10)."""
+    iterations: int = 100
+    """MTT iterations per client and round (reference: 100)."""
+    syn_steps: int = 20
+    """Student steps per MTT iteration (MTT eq. 1; reference: 20)."""
+    lr_img: float = 1000.0
+    """SGD step on the f_k features / pixels (reference: 1000)."""
+    lr_w: float = 1.0
+    """SGD step on the w+ latents (reference: 1)."""
+    lr_lr: float = 1e-5
+    """SGD step on the learnable student lr in the reference's units (on the lr itself; reference: 1e-5); the
+    engine learns log lr with ``lr_lr / lr_teacher**2``."""
+    lr_teacher: float = 0.01
+    """Initial student lr (reference: 0.01)."""
+    momentum: float = 0.5
+    """Momentum of the latent / lr optimisers (MTT's 0.5)."""
+    batch_syn: int | None = None
+    """Synthetic images per student step; None = the whole set."""
+    init: str = "random"
+    """Latent initialisation: 'random' (z ~ N(0, I) through the mapping) or 'mean_w'."""
+    dsa: bool = True
+    """Differentiable siamese augmentation in the student steps (reference DSA)."""
+    dsa_strategy: str = DEFAULT_STRATEGY
+    """DSA transformations."""
+    mtt_mode: str = "exact"
+    """Meta-gradient: 'exact' (constant memory; the reference uses TESLA's approximation) or 'unrolled'."""
+    chunk_size: int = 64
+    """Images rendered per generator call (memory)."""
+    surrogate: str = "convnet"
+    """The buffer-free ConvNet the clients train and the server matches (any ConvNet spec, e.g.
+    ``convnet:width=32``); the global model is FLConfig ``model``."""
+    train_epochs: int = 1000
+    """Server epochs on the pooled distilled sets per round (reference ``inner_loop``: 1000)."""
+    train_lr: float = 0.01
+    """Server training SGD lr."""
+    train_momentum: float = 0.9
+    """Server training SGD momentum."""
+    train_weight_decay: float = 5e-4
+    """Server training weight decay."""
+    train_batch: int = 256
+    """Server training minibatch size."""
+    train_dsa: bool = True
+    """DSA during server training."""
+    pool: str = "round"
+    """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
+    batched: bool | str = "auto"
+    """Distil the clients as one batched computation (True), one after the other (False), or 'auto' (batched on
+    CUDA only; on CPU the looped kernel is faster)."""
+    max_batch: int | None = None
+    """At most this many clients per batch (None: as many as memory allows)."""
+    classes: str = "all"
+    """Classes distilled per client: 'all' (the only choice: anything else needs the client's labels)."""
+    dataset: str | None = None
+    """The data set's name: picks the default generator and goes into the export metadata."""
+    progress: bool = True
+    """Progress bars during the distillation."""
+    save_artifacts: bool = True
+    """Write grids and distilled.safetensors into the run folder."""
 
-def _num(name: str, v: Any, positive: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise FedLatentError(f"feddgm: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
-    return float(v)
+    def __post_init__(self):
+        from ...generators.latent import parse_space
+
+        chk_i = lambda name, lo: check_int("feddgm", name, getattr(self, name), lo)  # noqa: E731
+        chk_n = lambda name, positive=False: check_number("feddgm", name, getattr(self, name), positive)  # noqa: E731
+        self.generator = None if self.generator in (None, "", "none") else str(self.generator)
+        self.space = None if self.space in (None, "", "auto") else str(self.space)
+        if self.space is not None:
+            parse_space(self.space)
+        self.ipc, self.iterations, self.syn_steps = chk_i("ipc", 1), chk_i("iterations", 0), chk_i("syn_steps", 1)
+        self.lr_img, self.lr_w, self.lr_lr = chk_n("lr_img"), chk_n("lr_w"), chk_n("lr_lr")
+        self.lr_teacher = chk_n("lr_teacher", positive=True)
+        self.momentum = chk_n("momentum")
+        self.batch_syn = None if self.batch_syn is None else chk_i("batch_syn", 1)
+        if self.init not in ("random", "mean_w"):
+            raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {self.init!r}")
+        self.dsa, self.dsa_strategy = bool(self.dsa), str(self.dsa_strategy)
+        parse_strategy(self.dsa_strategy)
+        if self.mtt_mode not in ("exact", "unrolled"):
+            raise FedLatentError(f"feddgm: mtt_mode must be 'exact' or 'unrolled', got {self.mtt_mode!r}")
+        self.chunk_size = chk_i("chunk_size", 1)
+        self.surrogate = str(self.surrogate)
+        self.train_epochs = chk_i("train_epochs", 0)
+        self.train_lr, self.train_momentum = chk_n("train_lr"), chk_n("train_momentum")
+        self.train_weight_decay = chk_n("train_weight_decay")
+        self.train_batch = chk_i("train_batch", 1)
+        self.train_dsa = bool(self.train_dsa)
+        if self.pool not in ("round", "all"):
+            raise FedLatentError(f"feddgm: pool must be 'round' or 'all', got {self.pool!r}")
+        if self.batched not in (True, False, "auto"):
+            raise FedLatentError(f"feddgm: batched must be true, false or 'auto', got {self.batched!r}")
+        self.max_batch = None if self.max_batch is None else chk_i("max_batch", 1)
+        if self.classes != "all":
+            raise FedLatentError("feddgm: classes must be 'all' (the server cannot know which classes a client "
+                                 "holds without the client disclosing its labels)")
+        self.dataset = None if self.dataset is None else str(self.dataset)
+        self.progress, self.save_artifacts = bool(self.progress), bool(self.save_artifacts)
 
 
 @register_method("feddgm")
 class FedDGM(Strategy):
     """FedDGM: client trajectories -> server latent MTT per client -> train on the pooled distilled sets.
 
-    Defaults follow the reference (FedDG23/FedDG-main, CIFAR-10 README command) where it has one; the CPU
-    configuration of ``fedlatent distill`` overrides them (see :data:`PRESETS`).
-
-    Distillation: ``generator`` (manifest name or checkpoint; None = the dataset's default), ``space`` (``F<k>``,
-    ``W+``, ``pixel``; None = :func:`default_space`), ``ipc`` 10, ``iterations`` 100, ``syn_steps`` 20,
-    ``lr_img`` 1000 (f_k / pixels), ``lr_w`` 1, ``lr_lr`` 1e-5 (reference units: SGD step on the lr itself; the
-    engine learns log lr with ``lr_lr / lr_teacher**2``), ``lr_teacher`` 0.01, ``momentum`` 0.5, ``batch_syn``
-    None (whole set), ``init`` "random" (or "mean_w"), ``dsa`` / ``dsa_strategy`` (reference DSA), ``mtt_mode``
-    "exact", ``chunk_size`` 64 (renderer).
-    Surrogate and server training: ``surrogate`` "convnet" (any ConvNet spec, e.g. ``convnet:width=32``; the
-    global model is FLConfig ``model``), ``train_epochs`` 1000 (reference ``inner_loop``), ``train_lr`` 0.01,
-    ``train_momentum`` 0.9, ``train_weight_decay`` 5e-4, ``train_batch`` 256, ``train_dsa`` True,
-    ``pool`` "round" | "all".
-    Execution: ``batched`` True | False | "auto" (CUDA only), ``max_batch`` (clients per batch cap),
-    ``progress``, ``save_artifacts`` (grids and distilled.safetensors in the run folder), ``classes`` "all",
-    ``dataset`` (its name: picks the default generator and goes into the export metadata).
+    Options: :class:`FedDGMConfig` (``FedDGM(config)`` or ``FedDGM(**options)``).
 
     ``distill_map`` (not an option; set by :meth:`fedlatent.backends.ray.RayBackend.attach`): a client runner
     ``(fn, jobs) -> [fn(*job) ...]``; when set, the looped per-client distillation runs through it, one
@@ -166,72 +252,25 @@ class FedDGM(Strategy):
     workers is :meth:`worker_view`.
     """
 
+    config_class = FedDGMConfig
     distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
 
-    def __init__(self, generator: str | None = None, space: str | None = None, ipc: int = 10, iterations: int = 100,
-                 syn_steps: int = 20, lr_img: float = 1000.0, lr_w: float = 1.0, lr_lr: float = 1e-5,
-                 lr_teacher: float = 0.01, momentum: float = 0.5, batch_syn: int | None = None, init: str = "random",
-                 dsa: bool = True, dsa_strategy: str = DEFAULT_STRATEGY, mtt_mode: str = "exact",
-                 chunk_size: int = 64, surrogate: str = "convnet", train_epochs: int = 1000, train_lr: float = 0.01,
-                 train_momentum: float = 0.9, train_weight_decay: float = 5e-4, train_batch: int = 256,
-                 train_dsa: bool = True, pool: str = "round", batched: bool | str = "auto",
-                 max_batch: int | None = None, classes: str = "all", dataset: str | None = None,
-                 progress: bool = True, save_artifacts: bool = True):
+    def __init__(self, config: FedDGMConfig | None = None, **options):
         from ...generators.latent import PIXEL, parse_space
 
-        self.generator_name = None if generator in (None, "", "none") else str(generator)
-        self.space = None if space in (None, "", "auto") else str(space)
-        if self.space is not None:
-            parse_space(self.space)
-        self.ipc = _int("ipc", ipc, 1)
-        self.iterations = _int("iterations", iterations, 0)
-        self.syn_steps = _int("syn_steps", syn_steps, 1)
-        self.lr_img, self.lr_w, self.lr_lr = _num("lr_img", lr_img), _num("lr_w", lr_w), _num("lr_lr", lr_lr)
-        self.lr_teacher = _num("lr_teacher", lr_teacher, positive=True)
-        self.momentum = _num("momentum", momentum)
-        self.batch_syn = None if batch_syn is None else _int("batch_syn", batch_syn, 1)
-        if init not in ("random", "mean_w"):
-            raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {init!r}")
-        self.init = init
-        self.dsa, self.dsa_strategy = bool(dsa), str(dsa_strategy)
-        parse_strategy(self.dsa_strategy)
-        if mtt_mode not in ("exact", "unrolled"):
-            raise FedLatentError(f"feddgm: mtt_mode must be 'exact' or 'unrolled', got {mtt_mode!r}")
-        self.mtt_mode = mtt_mode
-        self.chunk_size = _int("chunk_size", chunk_size, 1)
-        self.surrogate_spec = str(surrogate)
-        self.train_epochs = _int("train_epochs", train_epochs, 0)
-        self.train_lr, self.train_momentum = _num("train_lr", train_lr), _num("train_momentum", train_momentum)
-        self.train_weight_decay = _num("train_weight_decay", train_weight_decay)
-        self.train_batch = _int("train_batch", train_batch, 1)
-        self.train_dsa = bool(train_dsa)
-        if pool not in ("round", "all"):
-            raise FedLatentError(f"feddgm: pool must be 'round' or 'all', got {pool!r}")
-        self.pool_mode = pool
-        if batched not in (True, False, "auto"):
-            raise FedLatentError(f"feddgm: batched must be true, false or 'auto', got {batched!r}")
-        self.batched = batched
-        self.max_batch = None if max_batch is None else _int("max_batch", max_batch, 1)
-        if classes != "all":
-            raise FedLatentError("feddgm: classes must be 'all' (the server cannot know which classes a client "
-                                 "holds without the client disclosing its labels)")
-        self.classes = classes
-        self.dataset = None if dataset is None else str(dataset)
-        self.progress, self.save_artifacts = bool(progress), bool(save_artifacts)
+        self.config = make_config(FedDGMConfig, config, options)
+        d = dataclasses.asdict(self.config)
+        # the names the strategy has always used for these three (generator/space are resolved in setup)
+        self.generator_name, self.surrogate_spec, self.pool_mode = d.pop("generator"), d.pop("surrogate"), d.pop("pool")
+        vars(self).update(d)
         self._pixel = self.space is not None and parse_space(self.space) == PIXEL
         self.pool: Pool | None = None
         self.round_log: list[dict[str, Any]] = []
 
     def options(self) -> dict[str, Any]:
-        return {"generator": self.generator_name, "space": self.space, "ipc": self.ipc, "iterations": self.iterations,
-                "syn_steps": self.syn_steps, "lr_img": self.lr_img, "lr_w": self.lr_w, "lr_lr": self.lr_lr,
-                "lr_teacher": self.lr_teacher, "momentum": self.momentum, "batch_syn": self.batch_syn,
-                "init": self.init, "dsa": self.dsa, "dsa_strategy": self.dsa_strategy, "mtt_mode": self.mtt_mode,
-                "chunk_size": self.chunk_size, "surrogate": self.surrogate_spec, "train_epochs": self.train_epochs,
-                "train_lr": self.train_lr, "train_momentum": self.train_momentum,
-                "train_weight_decay": self.train_weight_decay, "train_batch": self.train_batch,
-                "train_dsa": self.train_dsa, "pool": self.pool_mode, "batched": self.batched,
-                "max_batch": self.max_batch, "classes": self.classes, "dataset": self.dataset}
+        o = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("progress", "save_artifacts")}
+        o.update(generator=self.generator_name, space=self.space)  # as resolved by setup
+        return o
 
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self, ctx: FLContext) -> None:
@@ -533,4 +572,4 @@ class FedDGM(Strategy):
         self._sent = None
 
 
-__all__ = ["FedDGM", "Pool", "DistilledSet", "harvest", "train_on_pool"]
+__all__ = ["FedDGM", "FedDGMConfig", "Pool", "DistilledSet", "harvest", "train_on_pool"]

@@ -27,7 +27,9 @@ mean over parties; ``accuracy_<arch>`` = mean over the parties of one architectu
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +40,7 @@ from torch import nn
 from ...utils import FedLatentError, numpy_rng, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, local_train
+from ..options import make_config
 from .feddf import model_logits
 
 
@@ -85,33 +88,53 @@ def digest(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, epochs: i
     return {"digest_loss": total / seen}
 
 
+@dataclass
+class FedMDConfig:
+    """Options of :class:`FedMD` (Li & Wang 2019, Alg. 1; see the module docstring for the mapping)."""
+
+    subset_size: int = 500
+    """Size of the public subset X_r drawn each round (stream (seed, "fedmd-subset", r)) for the class scores."""
+    public_epochs: int = 2
+    """Transfer learning, part 1: epochs on the public labelled data before round 1."""
+    private_epochs: int = 1
+    """Transfer learning, part 2: epochs on the private data before round 1."""
+    digest_epochs: int = 1
+    """Digest (Alg. 1): epochs of matching the consensus on X_r."""
+    digest_lr: float = 1e-3
+    """Adam learning rate of the digest."""
+    digest_loss: str = "l1"
+    """Digest loss on the logits: 'l1' (the paper's implementation, mean absolute error) or 'mse'."""
+    revisit_epochs: int | None = None
+    """Revisit: epochs on the private data after digesting (None: FLConfig.local_epochs)."""
+    score_batch_size: int = 500
+    """Batch size when a party computes its scores."""
+
+    def __post_init__(self):
+        if self.subset_size < 1 or self.score_batch_size < 1:
+            raise FedLatentError("FedMD: subset_size and score_batch_size must be >= 1")
+        if min(self.public_epochs, self.private_epochs, self.digest_epochs) < 0 or (
+                self.revisit_epochs is not None and self.revisit_epochs < 0):
+            raise FedLatentError("FedMD: epoch counts must be >= 0")
+        if not self.digest_lr > 0:
+            raise FedLatentError(f"FedMD: digest_lr must be > 0, got {self.digest_lr}")
+        if self.digest_loss not in ("l1", "mse"):
+            raise FedLatentError(f"FedMD: digest_loss must be l1 or mse, got {self.digest_loss!r}")
+        self.subset_size, self.score_batch_size = int(self.subset_size), int(self.score_batch_size)
+        self.public_epochs, self.private_epochs = int(self.public_epochs), int(self.private_epochs)
+        self.digest_epochs, self.digest_lr = int(self.digest_epochs), float(self.digest_lr)
+        self.revisit_epochs = None if self.revisit_epochs is None else int(self.revisit_epochs)
+
+
 @register_method("fedmd")
 class FedMD(Strategy):
     """FedMD with one persistent model per party (architectures from ``FLConfig.client_models``)."""
 
     heterogeneous = True
+    config_class = FedMDConfig
 
-    def __init__(self, subset_size: int = 500, public_epochs: int = 2, private_epochs: int = 1,
-                 digest_epochs: int = 1, digest_lr: float = 1e-3, digest_loss: str = "l1",
-                 revisit_epochs: int | None = None, score_batch_size: int = 500):
-        if subset_size < 1 or score_batch_size < 1:
-            raise FedLatentError("FedMD: subset_size and score_batch_size must be >= 1")
-        if min(public_epochs, private_epochs, digest_epochs) < 0 or (revisit_epochs is not None and revisit_epochs < 0):
-            raise FedLatentError("FedMD: epoch counts must be >= 0")
-        if not digest_lr > 0:
-            raise FedLatentError(f"FedMD: digest_lr must be > 0, got {digest_lr}")
-        if digest_loss not in ("l1", "mse"):
-            raise FedLatentError(f"FedMD: digest_loss must be l1 or mse, got {digest_loss!r}")
-        self.subset_size, self.score_batch_size = int(subset_size), int(score_batch_size)
-        self.public_epochs, self.private_epochs = int(public_epochs), int(private_epochs)
-        self.digest_epochs, self.digest_lr, self.digest_loss = int(digest_epochs), float(digest_lr), digest_loss
-        self.revisit_epochs = None if revisit_epochs is None else int(revisit_epochs)
-
-    def options(self) -> dict:
-        return {"subset_size": self.subset_size, "public_epochs": self.public_epochs,
-                "private_epochs": self.private_epochs, "digest_epochs": self.digest_epochs,
-                "digest_lr": self.digest_lr, "digest_loss": self.digest_loss, "revisit_epochs": self.revisit_epochs,
-                "score_batch_size": self.score_batch_size}
+    def __init__(self, config: FedMDConfig | None = None, **options):
+        self.config = make_config(FedMDConfig, config, options)
+        vars(self).update(dataclasses.asdict(self.config))
 
     # --- server side ----------------------------------------------------------------------------
     def setup(self, ctx: FLContext) -> None:
@@ -215,4 +238,4 @@ class FedMD(Strategy):
                       state=state)
 
 
-__all__ = ["public_subset", "consensus", "digest", "FedMD"]
+__all__ = ["FedMDConfig", "public_subset", "consensus", "digest", "FedMD"]
