@@ -35,8 +35,11 @@ def _seeds(text: str) -> list[int]:
 @click.option("--no-progress", is_flag=True)
 def eval_cmd(distilled, archs, dataset, data_root, epochs, lr, seeds, batch_size, no_dsa, max_test, json_out,
              no_progress):
-    """Train fresh models of each --arch on DISTILLED (a distilled.safetensors or a run folder) and report the
-    real test accuracy, mean +- std over --seeds."""
+    """Train fresh models of each --arch on DISTILLED and report the real test accuracy, mean +- std over --seeds.
+
+    DISTILLED: a distilled-set file - FedDGM's distilled.safetensors, DynaFed's pseudo.safetensors (soft labels),
+    fedlatent distill-pixels' distilled.safetensors, or such a file from an earlier version - or a run folder
+    holding one."""
     from pathlib import Path
 
     from fedlatent.evaluate import evaluate_distilled, format_table
@@ -44,7 +47,9 @@ def eval_cmd(distilled, archs, dataset, data_root, epochs, lr, seeds, batch_size
 
     p = Path(distilled)
     if p.is_dir():
-        p = p / "distilled.safetensors"
+        from fedlatent.artifacts import DISTILLED_FILE, PSEUDO_FILE
+
+        p = next((p / n for n in (DISTILLED_FILE, PSEUDO_FILE) if (p / n).is_file()), p / DISTILLED_FILE)
     res = evaluate_distilled(p, archs, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr, seeds=_seeds(seeds),
                              batch_size=batch_size, dsa=not no_dsa, max_test=max_test, progress=not no_progress)
     click.echo(format_table(res))

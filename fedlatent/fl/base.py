@@ -134,6 +134,7 @@ class FLContext:
     mean: tuple[float, ...] | None = None    # the dataset's normalisation (model input space)
     std: tuple[float, ...] | None = None
     run_dir: str | None = None                # the run folder (None: not writing one); for method artefacts
+    dataset: str | None = None                # the data set's name (artefact metadata)
 
     def arch_of(self, client_id: int) -> str:
         """The model spec of client ``client_id``."""

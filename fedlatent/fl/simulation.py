@@ -32,18 +32,16 @@ from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
 from ..backends import make_backend
 from ..backends.serial import sequential_map
-from .base import ClientData, ClientFailure, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
-from .client import evaluate
+from .base import ClientData, ClientFailure, FLConfig, FLContext, Strategy, Upload, get_method
 from .hetero import architecture_summary, assign_architectures
-from .run import RunFolder, iter_rows
+from .engine import PLOT_INTERVAL_S, RunState, evaluate_all  # noqa: F401 - PLOT_INTERVAL_S re-exported
+from .run import RunFolder
 from .transfer import public_private_split
-from .validate import validate_uploads
 
 log = logging.getLogger("fedlatent.fl")
 
 ClientMap = Callable[[Callable[..., Upload], Iterable[tuple]], list]
 
-PLOT_INTERVAL_S = 10.0  # accuracy.png is refreshed at most this often during a run (and at the end)
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:
@@ -114,39 +112,6 @@ class SimulationResult:
                 f"{self.rejected} rejected uploads{where}")
 
 
-def _upload_bytes(upload: object) -> int:
-    if isinstance(upload, Upload) and isinstance(upload.tensors, Mapping):
-        return int(sum(t.numel() * t.element_size() for t in upload.tensors.values() if isinstance(t, torch.Tensor)))
-    return 0
-
-
-def evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Evaluate ``strategy.eval_model()``: one model, or a dict name -> model or list of models.
-
-    For a dict, ``accuracy_<name>`` / ``loss_<name>`` are written per entry (the mean over the entry's
-    models for a list, e.g. FedMD's parties of one architecture) and the headline ``accuracy`` / ``loss``
-    is the mean over all evaluated models.
-    """
-    models = strategy.eval_model()
-    if isinstance(models, Mapping):
-        row: dict[str, float] = {}
-        accs: list[float] = []
-        losses: list[float] = []
-        for name, m in models.items():
-            group = list(m) if isinstance(m, (list, tuple)) else [m]
-            if not group:
-                continue
-            rs = [evaluate(g, x, y, batch_size) for g in group]
-            row[f"accuracy_{name}"] = float(np.mean([r["accuracy"] for r in rs]))
-            row[f"loss_{name}"] = float(np.mean([r["loss"] for r in rs]))
-            accs += [r["accuracy"] for r in rs]
-            losses += [r["loss"] for r in rs]
-        # Heterogeneous methods: the headline numbers are the mean over the evaluated models.
-        row["accuracy"], row["loss"] = float(np.mean(accs)), float(np.mean(losses))
-        return row
-    return evaluate(models, x, y, batch_size)
-
-
 def _strategy_overrides(strategy: Strategy, hook: str) -> bool:
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)
 
@@ -211,7 +176,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                     client_models=client_models,
                     public_x=x_train.index_select(0, public_t) if len(public_idx) else None,
                     public_y=y_train.index_select(0, public_t) if len(public_idx) else None,
-                    mean=tuple(data.mean), std=tuple(data.std))
+                    mean=tuple(data.mean), std=tuple(data.std), dataset=data.name)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     client_idx = [torch.from_numpy(p).to(device) for p in parts]
 
@@ -254,37 +219,22 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 raise FedLatentError(f"client_init of client {cid} failed ({state.attempts} attempt(s)): {state.error}")
             if state is not None:
                 strategy.keep_client_state(cid, state)
-    history: list[dict[str, Any]] = []
-    rejections: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    totals = {"up": 0, "down": 0, "rejected": 0}
+    state = RunState(strategy, cfg, ctx, run, t_start)
     start_round = 1
     if resume is not None:  # continue a checkpointed run (fedlatent.fl.checkpoint)
         strategy.load_state_dict(resume["strategy"])
         start_round = int(resume["round"]) + 1
-        rejections = list(resume.get("rejections", []))
-        failures = list(resume.get("failures", []))
-        totals.update(resume.get("totals", {}))
-        t_start -= float(resume.get("wall_s", 0.0))
-    last_plot = -math.inf
-
-    def record(row: dict[str, Any], final: bool) -> None:
-        nonlocal last_plot
-        history.append(row)
-        if run is not None:
-            plot = row.get("accuracy") is not None and (final or time.perf_counter() - last_plot >= PLOT_INTERVAL_S)
-            run.log_round(row, label=strategy.name, plot=plot)
-            if plot:
-                last_plot = time.perf_counter()
+        state.rejections = list(resume.get("rejections", []))
+        state.failures = list(resume.get("failures", []))
+        state.totals.update(resume.get("totals", {}))
+        state.t_start -= float(resume.get("wall_s", 0.0))
 
     if resume is None:
-        row0 = {"round": 0, **evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
-                "accepted": 0, "rejected": 0, "failed": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
-                "wall_s": time.perf_counter() - t_start}
-        record(row0, final=cfg.rounds == 0)
+        state.record(state.initial_row(evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size)),
+                     final=cfg.rounds == 0)
     else:  # the rounds already done, as checkpointed
         for r in resume.get("history", []):
-            record(dict(r), final=False)
+            state.record(dict(r), final=False)
 
     bar = tqdm(range(start_round, cfg.rounds + 1), desc=strategy.name, disable=not progress, dynamic_ncols=True,
                initial=start_round - 1, total=cfg.rounds)
@@ -301,77 +251,35 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 yield ctx, rnd, cid, payload, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx),
                                                          state=strategy.client_state(cid))
 
-        uploads = list((client_map or sequential_map)(strategy.client_update, jobs()))
-        failed = [(cid, u) for cid, u in zip(selected, uploads) if isinstance(u, ClientFailure)]
-        returned = selected
-        if failed:
-            for cid, f in failed:
-                log.warning("round %d: client %d failed after %d attempt(s) (%s); the round goes on without it",
-                            rnd, cid, f.attempts, f.error)
-            failures.extend({"round": rnd, "client": cid, "attempts": f.attempts, "error": f.error}
-                            for cid, f in failed)
-            if len(failed) == len(selected):
-                raise FedLatentError(f"round {rnd}: no client returned ({len(failed)} failed; first error: "
-                                     f"{failed[0][1].error})")
-            ok = [(cid, u) for cid, u in zip(selected, uploads) if not isinstance(u, ClientFailure)]
-            returned, uploads = [c for c, _ in ok], [u for _, u in ok]
-        for cid, u in zip(returned, uploads):  # local state stays with its client, accepted or not
+        results = list((client_map or sequential_map)(strategy.client_update, jobs()))
+        failed = [(cid, u.error, u.attempts) for cid, u in zip(selected, results) if isinstance(u, ClientFailure)]
+        ok = [(cid, u) for cid, u in zip(selected, results) if not isinstance(u, ClientFailure)]
+        for cid, u in ok:  # local state stays with its client, accepted or not
             if isinstance(u, Upload) and u.client_id == cid and u.state is not None:
                 strategy.keep_client_state(cid, u.state)
-        down = sum(tensor_bytes(p) for p in references.values())
-        up = sum(_upload_bytes(u) for u in uploads)
-        accepted, rejected = validate_uploads(
-            uploads, returned, strategy.expected_upload, references=references, client_sizes=ctx.client_sizes,
-            norm_factor=cfg.norm_factor, norm_cap=cfg.norm_cap, rnd=rnd)
-        references = uploads = None  # free the round's tensors before evaluation
-        rejections.extend({"round": rnd, "client": r.client_id, "reason": r.reason} for r in rejected)
-        extra: dict[str, Any] = {}
-        if accepted:
-            extra = dict(strategy.aggregate(rnd, accepted) or {})
-        else:
-            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
-        losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
-        losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
-        train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+        outcome = state.aggregate_round(rnd, selected, [c for c, _ in ok], [u for _, u in ok], references, failed)
+        references = results = ok = None  # free the round's tensors before evaluation
         final = rnd == cfg.rounds
         ev = evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size) if final or rnd % cfg.eval_every == 0 else {}
-        totals["up"] += up
-        totals["down"] += down
-        totals["rejected"] += len(rejected)
-        row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": len(selected),
-               "client_ids": " ".join(map(str, selected)), "accepted": len(accepted), "rejected": len(rejected),
-               "failed": len(failed),
-               "train_loss": train_loss, "uplink_bytes": up, "downlink_bytes": down,
-               "round_s": time.perf_counter() - t_round, "wall_s": time.perf_counter() - t_start,
-               **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **extra}
-        record(row, final)
+        state.record(state.round_row(rnd, selected, outcome, ev, t_round), final)
         if checkpoint_fn is not None:
-            checkpoint_fn(rnd, strategy, {"history": history, "rejections": rejections, "failures": failures,
-                                          "totals": dict(totals),
-                                          "wall_s": time.perf_counter() - t_start, "final": final})
+            checkpoint_fn(rnd, strategy, {"history": state.history, "rejections": state.rejections,
+                                          "failures": state.failures, "totals": dict(state.totals),
+                                          "wall_s": time.perf_counter() - state.t_start, "final": final})
         if ev:
-            bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=totals["rejected"])
+            bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=state.totals["rejected"])
     bar.close()
 
-    accs = [(int(r["round"]), float(r["accuracy"])) for r in history if r.get("accuracy") is not None]
-    best_round, best = max(accs, key=lambda t: (t[1], -t[0]))
-    last_eval = next(r for r in reversed(history) if r.get("accuracy") is not None)
-    final_by_model = {k[len("accuracy_"):]: float(v) for k, v in last_eval.items()
-                      if k.startswith("accuracy_") and v is not None}
+    o = state.outcome()
     result = SimulationResult(
-        method=strategy.name, history=history, final_accuracy=accs[-1][1], best_accuracy=best, best_round=best_round,
-        rounds=cfg.rounds, wall_s=time.perf_counter() - t_start, uplink_bytes=totals["up"],
-        downlink_bytes=totals["down"], rejected=totals["rejected"], rejections=rejections,
-        out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=final_by_model,
-        failures=failures,
+        method=strategy.name, history=state.history, final_accuracy=o["final_accuracy"],
+        best_accuracy=o["best_accuracy"], best_round=o["best_round"], rounds=cfg.rounds,
+        wall_s=time.perf_counter() - state.t_start, uplink_bytes=state.totals["up"],
+        downlink_bytes=state.totals["down"], rejected=state.totals["rejected"], rejections=state.rejections,
+        out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=o["final_by_model"],
+        failures=state.failures,
     )
-    if run is not None:
-        summary = result.summary()
-        summary["final_loss"] = iter_rows(history, "loss")[-1]
-        summary["client_sizes"] = ctx.client_sizes
-        if client_models is not None:
-            summary["client_models"] = client_models
-        run.write_summary(summary)
+    state.write_summary(result.summary(), **({"client_models": client_models} if client_models is not None else {}))
     return result
 
 

@@ -212,7 +212,7 @@ def make_context(spec: RunSpec, data, client_sizes: list[int], device: str):
 
     return FLContext(config=spec.fl_config(), num_classes=data.num_classes, channels=data.channels,
                      image_size=data.image_size, class_names=list(data.classes), client_sizes=list(client_sizes),
-                     device=str(device), mean=tuple(data.mean), std=tuple(data.std))
+                     device=str(device), mean=tuple(data.mean), std=tuple(data.std), dataset=data.name)
 
 
 def check_supported(strategy, cfg) -> None:

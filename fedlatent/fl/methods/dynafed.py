@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -62,13 +61,14 @@ from tqdm.auto import tqdm
 
 from ...artifacts import PSEUDO_FILE, PSEUDO_GRID_FILE as GRID_FILE, SYNTHESIS_LOSS_FILE as LOSS_FILE
 from ...artifacts.grids import save_pseudo_grid
+from ...artifacts.pseudo import PseudoSet, load_pseudo_set, save_pseudo_set
 from ...distill.augment import DSA, parse_strategy
-from ...distill.pixels import fit_on_set
+from ...train import fit_on_set
 from ...distill.samplers import GlobalTrajectorySampler, sample_segment, segment_target
 from ...distill.samplers import SegmentIndex as Segment
 from ...errors import FedLatentError, is_diverged
 from ...models.functional import FlatModel
-from ...utils import atomic_write, derive_seed, torch_generator
+from ...utils import derive_seed, torch_generator
 from ..base import FLContext, Upload, register_method
 from ..options import make_config
 from .fedavg import FedAvg
@@ -78,33 +78,7 @@ log = logging.getLogger("fedlatent.fl.dynafed")
 
 
 # ---------------------------------------------------------------------------------------------
-# The pseudo set
-
-
-@dataclass
-class PseudoSet:
-    """DynaFed's synthetic data: images (normalised input space), soft-label logits, learned lr.
-
-    ``lr`` is the learned student step size in the reference's units (on the class-mean KD
-    loss; on the cross-entropy it is ``lr / num_classes``).
-    """
-
-    images: torch.Tensor
-    label_logits: torch.Tensor
-    lr: float
-
-    @property
-    def soft_labels(self) -> torch.Tensor:
-        return torch.softmax(self.label_logits, 1)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def to(self, device: str | torch.device) -> "PseudoSet":
-        return PseudoSet(self.images.to(device), self.label_logits.to(device), self.lr)
-
-    def clone(self) -> "PseudoSet":
-        return PseudoSet(self.images.detach().clone(), self.label_logits.detach().clone(), float(self.lr))
+# The pseudo set (the container and its file: fedlatent.artifacts.pseudo)
 
 
 def init_pseudo_set(num_classes: int, ipc: int, image_shape: Sequence[int], label_init: float, lr_teacher: float,
@@ -117,43 +91,6 @@ def init_pseudo_set(num_classes: int, ipc: int, image_shape: Sequence[int], labe
     classes = torch.arange(num_classes).repeat_interleave(ipc)
     logits = torch.nn.functional.one_hot(classes, num_classes).float() * float(label_init)
     return PseudoSet(images, logits, float(lr_teacher))
-
-
-def save_pseudo_set(path: str | os.PathLike, pseudo: PseudoSet, metadata: dict[str, Any] | None = None,
-                    losses: Sequence[float] | None = None) -> None:
-    """Write ``pseudo`` as safetensors (atomic): images float32, label_logits, soft_labels, lr,
-    synthesis_loss; ``metadata`` values are stored as JSON strings."""
-    from safetensors.torch import save_file
-
-    tensors = {
-        "images": pseudo.images.detach().float().cpu().contiguous(),
-        "label_logits": pseudo.label_logits.detach().float().cpu().contiguous(),
-        "soft_labels": pseudo.soft_labels.detach().float().cpu().contiguous(),
-        "lr": torch.tensor([float(pseudo.lr)], dtype=torch.float32),
-        "synthesis_loss": torch.tensor(list(losses or []), dtype=torch.float32),
-    }
-    meta = {"format": "fedlatent.dynafed.pseudo/1"}
-    meta.update({str(k): json.dumps(v) for k, v in (metadata or {}).items()})
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
-
-
-def load_pseudo_set(path: str | os.PathLike) -> tuple[PseudoSet, dict[str, Any], list[float]]:
-    """Read a file written by :func:`save_pseudo_set`: (pseudo set, metadata, synthesis losses)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as e:  # safetensors raises several exception types for a bad file
-        raise FedLatentError(f"{path}: not a readable safetensors file ({e})") from None
-    missing = {"images", "label_logits", "lr"} - set(tensors)
-    if missing or raw.get("format") != "fedlatent.dynafed.pseudo/1":
-        raise FedLatentError(f"{path}: not a DynaFed pseudo set (missing {sorted(missing) or 'format tag'})")
-    meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
-    pseudo = PseudoSet(tensors["images"], tensors["label_logits"], float(tensors["lr"][0]))
-    return pseudo, meta, [float(v) for v in tensors.get("synthesis_loss", torch.zeros(0)).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +408,7 @@ class DynaFed(FedAvg):
                 "std": list(ctx.std) if ctx.std is not None else None,
                 "ipc": self.synth.ipc, "synth_round": self.synthesized_round, "seed": ctx.config.seed,
                 "num_classes": ctx.num_classes, "class_names": list(ctx.class_names), "model": ctx.config.model,
+                "dataset": ctx.dataset,
                 "snapshots": len(self.trajectory), "iterations_done": len(self.synthesis_loss),
                 "failure": self.synthesis_failure,
                 "lr_units": "class-mean KD loss (student SGD step on the cross-entropy = lr / num_classes)",

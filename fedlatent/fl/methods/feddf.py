@@ -35,6 +35,7 @@ from ...utils import FedLatentError, torch_generator
 from ..aggregate import fedavg
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, train_client
+from ...train import fit
 from ..options import make_config
 from ..transfer import TransferSet, load_transfer_set, split_validation
 
@@ -108,29 +109,29 @@ def distill(student: nn.Module, x: torch.Tensor, teacher: torch.Tensor, *, steps
     best_state = {k: t.detach().clone() for k, t in student.state_dict().items()} if has_val else None
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     student.train()
-    order = torch.empty(0, dtype=torch.long)
-    pos, done, loss_sum, seen = 0, 0, 0.0, 0
-    for step in range(1, steps + 1):
-        if pos >= len(order):
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + batch_size].to(x.device)
-        pos += batch_size
-        loss = kd_loss(student(x.index_select(0, idx)), teacher.index_select(0, idx), temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += float(loss.detach()) * len(idx)
-        seen += len(idx)
-        done = step
+    st = {"step": 0, "loss_sum": 0.0, "seen": 0, "bad": 0, "best": best, "best_state": best_state}
+
+    def after_step(loss: torch.Tensor, nb: int) -> bool:
+        """Logging, the step budget and early stopping on the validation KD (True: stop)."""
+        st["step"] += 1
+        st["loss_sum"] += float(loss.detach()) * nb
+        st["seen"] += nb
+        step = st["step"]
         if has_val and (step % val_every == 0 or step == steps):
             v = _val_kd(student, x_val, teacher_val, temperature, ebs)
-            if v < best:
-                best, bad = v, 0
-                best_state = {k: t.detach().clone() for k, t in student.state_dict().items()}
+            if v < st["best"]:
+                st["best"], st["bad"] = v, 0
+                st["best_state"] = {k: t.detach().clone() for k, t in student.state_dict().items()}
             else:
-                bad += 1
-                if bad >= patience:
-                    break
+                st["bad"] += 1
+                if st["bad"] >= patience:
+                    return True
+        return step >= steps
+
+    # a budget of `steps` minibatches over as many epochs of seeded permutations as that needs
+    fit(student, x, teacher, opt, epochs=-(-steps // -(-n // batch_size)), batch_size=batch_size, generator=generator,
+        loss_fn=lambda m, xb, tb: kd_loss(m(xb), tb, temperature), on_step=after_step)
+    done, loss_sum, seen, best, best_state = st["step"], st["loss_sum"], st["seen"], st["best"], st["best_state"]
     if best_state is not None:  # the best validated student (the initial one if distillation never helped)
         student.load_state_dict(best_state)
     return {"steps": float(done), "train_kd": loss_sum / max(seen, 1),

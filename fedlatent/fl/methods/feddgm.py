@@ -49,7 +49,7 @@ from ...artifacts.grids import save_class_grid
 from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
 from ...distill.batched import ClientRun, distill_clients
 from ...distill.distiller import DistillConfig, Distiller
-from ...distill.pixels import fit_on_set
+from ...train import fit_on_set
 from ...errors import FedLatentError
 from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
 from ...models.functional import FlatModel

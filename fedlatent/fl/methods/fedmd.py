@@ -40,6 +40,7 @@ from torch import nn
 from ...utils import FedLatentError, numpy_rng, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, local_train
+from ...train import fit
 from ..options import make_config
 from .feddf import model_logits
 
@@ -74,17 +75,15 @@ def digest(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, epochs: i
         return {"digest_loss": math.nan}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            val = fn(model(x.index_select(0, idx)), target.index_select(0, idx))
-            opt.zero_grad(set_to_none=True)
-            val.backward()
-            opt.step()
-            total += float(val.detach()) * len(idx)
-            seen += len(idx)
+    acc = {"total": 0.0, "seen": 0}
+
+    def log(val: torch.Tensor, nb: int) -> None:
+        acc["total"] += float(val.detach()) * nb
+        acc["seen"] += nb
+
+    fit(model, x, target, opt, epochs=epochs, batch_size=batch_size, generator=generator,
+        loss_fn=lambda m, xb, tb: fn(m(xb), tb), on_step=log)
+    total, seen = acc["total"], acc["seen"]
     return {"digest_loss": total / seen}
 
 
