@@ -31,6 +31,7 @@ from ..errors import DivergedError, FedLatentError, is_diverged
 from ..models.functional import FlatModel
 from ..utils import derive_seed
 from .distiller import Distiller, IterationLog
+from .kernels import ConvNetKernel
 from .mtt import MetaGrad, make_plan, trajectory_loss, validate_inputs
 
 def _functional(flat: FlatModel):
@@ -62,8 +63,6 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
     ``d log_lr += g_n . u``): the per-step gradients and second-order products are ``vmap``-ed over ``k``;
     minibatches and augmentation stay per problem.
     """
-    from torch.func import vmap
-
     K = int(theta_start.shape[0])
     if not (theta_target.shape[0] == images.shape[0] == labels.shape[0] == log_lr.shape[0] == len(plans) == K):
         raise FedLatentError("batched_meta_gradient: inconsistent number of problems")
@@ -76,8 +75,28 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
     dt, dev = images.dtype, images.device
     theta_start, theta_target = theta_start.detach().to(dt), theta_target.detach().to(dt)
     alpha = log_lr.detach().to(dt).exp()
-    gv_fn, rop_fn, rop_x_fn = _functional(flat)
-    gv, rop, rop_x = vmap(gv_fn), vmap(rop_fn), vmap(rop_x_fn)
+    if ConvNetKernel.supports(flat.model):
+        # the K students as one grouped network (ConvNetKernel groups=K); one problem is the plain kernel
+        kern = ConvNetKernel(flat, groups=K)
+        one = (lambda t: t[0]) if K == 1 else (lambda t: t)
+        back = (lambda t: None if t is None else t.unsqueeze(0)) if K == 1 else (lambda t: t)
+
+        def gv(theta, xa, yb):
+            loss, g, _ = kern.forward(one(theta), one(xa), one(yb), keep=False)
+            return back(g), back(loss)
+
+        def rop(theta, xa, yb, u, need_theta=True):
+            _, _, cache = kern.forward(one(theta), one(xa), one(yb), keep=True, need_grad=False)
+            hu, dxa, _ = kern.rop(cache, one(u), need_theta=need_theta)
+            return back(hu), back(dxa)
+
+        def rop_x(theta, xa, yb, u):
+            return rop(theta, xa, yb, u, need_theta=False)[1]
+    else:
+        from torch.func import vmap
+
+        gv_fn, rop_fn, rop_x_fn = _functional(flat)
+        gv, rop, rop_x = vmap(gv_fn), vmap(rop_fn), vmap(rop_x_fn)
 
     def batch(n: int, grad: bool):
         leaves, outs, ys = [], [], []
