@@ -69,6 +69,22 @@ def measure_conv_rate(threads: int) -> float:
     return 2.0 * B * (SIZE // 2) ** 2 * WIDTH * WIDTH * 9 / dt
 
 
+def measure_matmul_peak(threads: int, dtype: str = "float32", n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of an n x n matmul (the machine's practical dense peak in ``dtype``; best of ``reps``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    x, y = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    x @ y
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
 def worker(a: argparse.Namespace) -> None:
     import torch
 
@@ -108,7 +124,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per config")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "autograd"])
+    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "convnet-bf16", "autograd"])
     p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
                    help="do not call fedlatent.distill.tune_allocator() (glibc keeps big blocks)")
     p.add_argument("--per-image-dsa", action="store_true", help="per-image DSA draws (the reference's choice)")
@@ -121,6 +137,7 @@ def main() -> None:
         return worker(a)
 
     rate = measure_conv_rate(a.threads)
+    peak = {dt: measure_matmul_peak(a.threads, dt) for dt in ("float32", "bfloat16")}
     rows = []
     for mode in a.modes.split(","):
         for steps in [int(s) for s in a.steps.split(",")]:
@@ -164,6 +181,14 @@ def main() -> None:
               f"{r.get('speedup_vs_ref', float('nan')):7.2f}x"
         print(f"{r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
               f"{r['floor_sec']:8.2f} {r['achieved_gflops']:8.0f} {r['cpu_sec_per_iter']:7.2f} {ref}")
+    print(f"matmul peak here ({a.threads} threads, best of 10, 1024^3): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
+    for r in rows:
+        if "error" not in r:
+            r["fp32_matmul_peak_gflops"] = peak["float32"] / 1e9
+            r["roofline_fraction"] = r["achieved_gflops"] * 1e9 / peak["float32"]
+            print(f"roofline {r['mode']} {r['syn_steps']} steps: {r['achieved_gflops']:.0f} GFLOP/s = "
+                  f"{100 * r['roofline_fraction']:.0f} % of the fp32 matmul peak")
     by = {(r["mode"], r["syn_steps"]): r for r in rows if "error" not in r}
     if ("exact", 10) in by and ("exact", 60) in by:
         print(f"exact: peak at 60 steps / peak at 10 steps = {by[('exact', 60)]['peak_gb'] / by[('exact', 10)]['peak_gb']:.2f}")
@@ -171,7 +196,8 @@ def main() -> None:
           + ", ".join(f"{s}: {iteration_flops('unrolled', s)['reference'] / 1e9:.0f} GFLOP" for s in (10, 20, 40, 60)))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"threads": a.threads, "conv_gflops": rate / 1e9, "engine": a.engine, "tune_malloc": a.tune_malloc,
+        json.dump({"threads": a.threads, "conv_gflops": rate / 1e9, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+                   "load": os.getloadavg(), "engine": a.engine, "tune_malloc": a.tune_malloc,
                    "rows": rows}, f, indent=2)
     print(f"wrote {a.out}")
 

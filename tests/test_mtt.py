@@ -226,6 +226,25 @@ def test_batched_meta_gradient_equals_the_loop_float64(spec):
             assert ref.grad_images.abs().max() > 0
 
 
+def test_bf16_convolutions_stay_within_tolerance_of_fp32():
+    """engine 'convnet-bf16' (bf16 convolution operands, fp32 elsewhere): the meta-gradient stays within the
+    documented tolerance of the fp32 kernel's (relative L2 error of dX < 10 %, d log_lr < 5 %, the loss < 1 %),
+    and it really runs in bf16 (it differs from fp32)."""
+    flat, start, target, x, y = _problem(spec="convnet-d3:width=16", n=10, size=16, seed=5)
+    flat = FlatModel(flat.model.float())
+    args = (flat, start.float(), target.float(), x.float(), y, LOG_LR.float(), mtt.make_plan(10, 4, 10, seed=3),
+            DSA(siamese=False))
+    ref = mtt.meta_gradient(*args, mode="exact", engine="convnet")
+    bf = mtt.meta_gradient(*args, mode="exact", engine="convnet-bf16")
+    assert bf.grad_images.dtype == torch.float32
+    err = _rel(bf.grad_images, ref.grad_images)
+    assert 1e-5 < err < 0.1, err
+    assert float(bf.grad_log_lr) == pytest.approx(float(ref.grad_log_lr), rel=5e-2)
+    assert bf.loss == pytest.approx(ref.loss, rel=1e-2)
+    with pytest.raises(FedLatentError, match="convnet-bf16"):
+        mtt.meta_gradient(*args, engine="convnet-fp8")
+
+
 def test_other_models_use_the_autograd_kernel():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.Tanh(), nn.Linear(6, K)).double()
     flat = FlatModel(model)

@@ -106,7 +106,8 @@ class ConvNetKernel:
 
     name = "convnet"
 
-    def __init__(self, flat: FlatModel, channels_last: bool = True, groups: int = 1):
+    def __init__(self, flat: FlatModel, channels_last: bool = True, groups: int = 1,
+                 conv_dtype: torch.dtype | None = None):
         blocks = self.parse(flat.model)
         if blocks is None:
             raise ValueError("model is not a supported ConvNet")
@@ -116,6 +117,27 @@ class ConvNetKernel:
         self.fc_w, self.fc_b = "classifier.weight", "classifier.bias"
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.G = int(groups)
+        # mixed precision: the convolutions' operands in conv_dtype (e.g. bfloat16, fp32 accumulation in oneDNN /
+        # cuDNN), every other tensor (norms, softmax, the flat vectors) in the caller's dtype
+        self.cdt = conv_dtype
+
+    def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.cdt is None or self.cdt == x.dtype:
+            return F.conv2d(x, W, b, padding=1, groups=self.G)
+        z = F.conv2d(x.to(self.cdt), W.to(self.cdt), None, padding=1, groups=self.G).to(x.dtype)
+        return z if b is None else z.add_(b.view(1, -1, 1, 1))
+
+    def _conv_bwd(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mask: list[bool]):
+        """(d input, d weight, d bias) of the 3x3 pad-1 convolution, as ``mask`` asks."""
+        if self.cdt is None or self.cdt == x.dtype:
+            return torch.ops.aten.convolution_backward(grad, x, W, [W.shape[0]] if mask[2] else None, [1, 1], [1, 1],
+                                                       [1, 1], False, [0, 0], self.G, mask)
+        dt = x.dtype
+        gi, gw, _ = torch.ops.aten.convolution_backward(grad.to(self.cdt), x.to(self.cdt), W.to(self.cdt), None,
+                                                        [1, 1], [1, 1], [1, 1], False, [0, 0], self.G,
+                                                        [mask[0], mask[1], False])
+        return (None if gi is None else gi.to(dt), None if gw is None else gw.to(dt),
+                grad.sum((0, 2, 3)) if mask[2] else None)
 
     @staticmethod
     def parse(model: nn.Module) -> list[_Block] | None:
@@ -238,7 +260,7 @@ class ConvNetKernel:
         layers: list[dict] = []
         for blk in self.blocks:
             W = P[blk.w]
-            z = F.conv2d(a, W, P[blk.b], padding=1, groups=G)
+            z = self._conv(a, W, P[blk.b])
             B, C, H, Wd = z.shape
             L = {"a": a}
             if blk.gamma is not None:
@@ -303,9 +325,7 @@ class ConvNetKernel:
             L["dz"] = None if lean else dz  # lean: recomputed in rop from dout (3-4 elementwise passes)
             W = P[blk.w]
             if li > 0 or need_grad:
-                gin, gw, gb = torch.ops.aten.convolution_backward(
-                    dz, L["a"], W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], G,
-                    [li > 0, need_grad, need_grad])
+                gin, gw, gb = self._conv_bwd(dz, L["a"], W, [li > 0, need_grad, need_grad])
                 if need_grad:
                     grads[blk.w], grads[blk.b] = gw, gb
                 da = gin
@@ -336,10 +356,9 @@ class ConvNetKernel:
             L = layers[li]
             a_in, n = L["a"], L["n"]
             if adot is None:
-                zdot = F.conv2d(a_in, U[blk.w], U[blk.b], padding=1, groups=G)
+                zdot = self._conv(a_in, U[blk.w], U[blk.b])
             else:  # conv(adot, W) + conv(a, U_W) as one convolution over stacked input channels
-                zdot = F.conv2d(self._cl(self._cat_ch(adot, a_in)), torch.cat([P[blk.w], U[blk.w]], 1), U[blk.b],
-                                padding=1, groups=G)
+                zdot = self._conv(self._cl(self._cat_ch(adot, a_in)), torch.cat([P[blk.w], U[blk.w]], 1), U[blk.b])
             L["adot_in"] = adot
             if blk.gamma is not None:
                 xh, rs = L["xh"], L["rs"]
@@ -403,24 +422,19 @@ class ConvNetKernel:
             W, UW = P[blk.w], U[blk.w]
             if need_theta:
                 if adot_in is None:
-                    _, gw, gb = torch.ops.aten.convolution_backward(
-                        dzdot, a_in, W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], G, [False, True, True])
+                    _, gw, gb = self._conv_bwd(dzdot, a_in, W, [False, True, True])
                 else:  # corr(adot, dz) + corr(a, dzdot) as one weight gradient over a doubled batch
-                    _, gw, _ = torch.ops.aten.convolution_backward(
-                        torch.cat([dz, dzdot], 0), torch.cat([adot_in, a_in], 0), W, None, [1, 1], [1, 1], [1, 1],
-                        False, [0, 0], G, [False, True, False])
+                    _, gw, _ = self._conv_bwd(torch.cat([dz, dzdot], 0), torch.cat([adot_in, a_in], 0), W,
+                                              [False, True, False])
                     gb = dzdot.sum((0, 2, 3))
                 grads[blk.w], grads[blk.b] = gw, gb
             # input tangent: convT(dzdot, W) + convT(dz, U_W)
             if li == 0:  # 3-channel output: two calls beat stacking two large maps
-                gin = torch.ops.aten.convolution_backward(
-                    dzdot, a_in, W, None, [1, 1], [1, 1], [1, 1], False, [0, 0], G, [True, False, False])[0]
-                gin += torch.ops.aten.convolution_backward(
-                    dz, a_in, UW, None, [1, 1], [1, 1], [1, 1], False, [0, 0], G, [True, False, False])[0]
+                gin = self._conv_bwd(dzdot, a_in, W, [True, False, False])[0]
+                gin += self._conv_bwd(dz, a_in, UW, [True, False, False])[0]
             else:
-                gin = torch.ops.aten.convolution_backward(
-                    self._cl(self._cat_ch(dzdot, dz)), a_in, self._cat_out(W, UW), None, [1, 1], [1, 1], [1, 1],
-                    False, [0, 0], G, [True, False, False])[0]
+                gin = self._conv_bwd(self._cl(self._cat_ch(dzdot, dz)), a_in, self._cat_out(W, UW),
+                                     [True, False, False])[0]
             dadot = gin
         hu = self._flatten_grads(grads) if need_theta else None
         return hu, self._from_maps(dadot), dlab
@@ -432,18 +446,24 @@ def _convnet_forward():
     return ConvNet.forward
 
 
+#: engine name -> the convolutions' operand dtype of the ConvNet kernel (None: the inputs' dtype)
+CONV_DTYPES = {"auto": None, "convnet": None, "convnet-bf16": torch.bfloat16}
+
+
 def make_kernel(flat: FlatModel, engine: str = "auto"):
-    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet' or 'autograd'."""
+    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (the
+    ConvNet kernel with bfloat16 convolution operands, fp32 accumulation and everything else in the inputs'
+    dtype; AVX-512-BF16 / AMX CPUs and recent GPUs run these much faster) or 'autograd'."""
     from ..utils import FedLatentError
 
-    if engine not in ("auto", "convnet", "autograd"):
-        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, autograd)")
+    if engine not in ("auto", "convnet", "convnet-bf16", "autograd"):
+        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, convnet-bf16, autograd)")
     if engine == "autograd":
         return AutogradKernel(flat)
     if ConvNetKernel.supports(flat.model):
-        return ConvNetKernel(flat)
-    if engine == "convnet":
-        raise FedLatentError(f"the 'convnet' engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
+        return ConvNetKernel(flat, conv_dtype=CONV_DTYPES[engine])
+    if engine.startswith("convnet"):
+        raise FedLatentError(f"the {engine!r} engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
                              f"got {type(flat.model).__name__}")
     return AutogradKernel(flat)
 

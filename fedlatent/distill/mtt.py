@@ -196,7 +196,7 @@ def meta_gradient(model: nn.Module | FlatModel, theta_start: torch.Tensor, theta
 
     ``images`` [N, C, H, W] (detached; the gradient is returned, not accumulated), ``labels``
     int [N] or soft-label logits [N, K], ``log_lr`` the log of the student step size.
-    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` 'auto' | 'convnet' | 'autograd'.
+    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` 'auto' | 'convnet' | 'convnet-bf16' | 'autograd'.
     Raises :class:`FedLatentError` on bad input, :class:`DivergedError` on a non-finite loss/gradient.
     """
     flat = _as_flat(model)
