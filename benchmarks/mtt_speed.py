@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engine", default="auto", choices=["auto", "convnet", "convnet-bf16", "autograd"])
+    p.add_argument("--engines", default=None, help="comma list of engines compared side by side (default: --engine)")
+    p.add_argument("--passes", type=int, default=1, help="repeat the whole sweep (interleaved repeats)")
     p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
                    help="do not call fedlatent.distill.tune_allocator() (glibc keeps big blocks)")
     p.add_argument("--per-image-dsa", action="store_true", help="per-image DSA draws (the reference's choice)")
@@ -139,47 +141,51 @@ def main() -> None:
     rate = measure_conv_rate(a.threads)
     peak = {dt: measure_matmul_peak(a.threads, dt) for dt in ("float32", "bfloat16")}
     rows = []
-    for mode in a.modes.split(","):
-        for steps in [int(s) for s in a.steps.split(",")]:
-            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--syn-steps", str(steps), "--iters",
-                   str(a.iters), "--warmup", str(a.warmup), "--threads", str(a.threads), "--engine", a.engine]
-            cmd += [] if a.tune_malloc else ["--no-tune-malloc"]
-            cmd += ["--per-image-dsa"] if a.per_image_dsa else []
-            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                print(f"{mode} {steps}: worker failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-                rows.append({"mode": mode, "syn_steps": steps, "error": r.stderr[-500:]})
-                continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            times = sorted(res["times"])
-            sec = times[len(times) // 2]
-            fl = iteration_flops(mode, steps)
-            ref = REFERENCE.get(steps)
-            cpu = sorted(res["cpu_times"])
-            row = {"mode": mode, "syn_steps": steps, "sec_per_iter": sec, "min_sec": times[0], "times": res["times"],
-                   "cpu_sec_per_iter": cpu[len(cpu) // 2],
-                   "peak_gb": res["peak_bytes"] / 1e9, "gflop": fl["ours"] / 1e9, "ref_gflop": fl["reference"] / 1e9,
-                   "floor_sec": fl["ours"] / rate, "achieved_gflops": fl["ours"] / sec / 1e9,
-                   "tuned_malloc": res["tuned_malloc"]}
-            if ref:
-                row.update(ref_sec=ref[0], ref_peak_gb=ref[1], speedup_vs_ref=ref[0] / sec)
-            rows.append(row)
-            print(f"  done {mode} {steps}: {sec:.2f} s/iter, peak {row['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+    for pass_ in range(a.passes):  # interleaved: every engine of a config back to back, the sweep repeated
+        for mode in a.modes.split(","):
+            for steps in [int(s) for s in a.steps.split(",")]:
+                for engine in (a.engines or a.engine).split(","):
+                    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--syn-steps", str(steps), "--iters",
+                           str(a.iters), "--warmup", str(a.warmup), "--threads", str(a.threads), "--engine", engine]
+                    cmd += [] if a.tune_malloc else ["--no-tune-malloc"]
+                    cmd += ["--per-image-dsa"] if a.per_image_dsa else []
+                    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if r.returncode != 0:
+                        print(f"{mode} {steps}: worker failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                        rows.append({"mode": mode, "syn_steps": steps, "engine": engine, "error": r.stderr[-500:]})
+                        continue
+                    res = json.loads(r.stdout.strip().splitlines()[-1])
+                    times = sorted(res["times"])
+                    sec = times[len(times) // 2]
+                    fl = iteration_flops(mode, steps)
+                    ref = REFERENCE.get(steps)
+                    cpu = sorted(res["cpu_times"])
+                    row = {"mode": mode, "syn_steps": steps, "engine": engine, "pass": pass_,
+                           "load": os.getloadavg()[0], "sec_per_iter": sec, "min_sec": times[0], "times": res["times"],
+                           "cpu_sec_per_iter": cpu[len(cpu) // 2],
+                           "peak_gb": res["peak_bytes"] / 1e9, "gflop": fl["ours"] / 1e9, "ref_gflop": fl["reference"] / 1e9,
+                           "floor_sec": fl["ours"] / rate, "achieved_gflops": fl["ours"] / sec / 1e9,
+                           "tuned_malloc": res["tuned_malloc"]}
+                    if ref:
+                        row.update(ref_sec=ref[0], ref_peak_gb=ref[1], speedup_vs_ref=ref[0] / sec)
+                    rows.append(row)
+                    print(f"  done {engine} {mode} {steps}: {sec:.2f} s/iter, peak {row['peak_gb']:.2f} GB",
+                          file=sys.stderr, flush=True)
 
     print(f"\nconv throughput here ({a.threads} threads): {rate / 1e9:.0f} GFLOP/s; engine {a.engine}; "
           f"malloc tuned: {a.tune_malloc}")
-    hdr = f"{'mode':9s} {'steps':>5s} {'s/iter':>8s} {'peak GB':>8s} {'GFLOP':>8s} {'floor s':>8s} " \
+    hdr = f"{'engine':12s} {'mode':9s} {'steps':>5s} {'s/iter':>8s} {'peak GB':>8s} {'GFLOP':>8s} {'floor s':>8s} " \
           f"{'GFLOP/s':>8s} {'cpu s':>7s} {'ref s':>6s} {'ref GB':>6s} {'speedup':>8s}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:9s} {r['syn_steps']:5d}  failed")
+            print(f"{r['engine']:12s} {r['mode']:9s} {r['syn_steps']:5d}  failed")
             continue
         ref = f"{r.get('ref_sec', float('nan')):6.1f} {r.get('ref_peak_gb', float('nan')):6.1f} " \
               f"{r.get('speedup_vs_ref', float('nan')):7.2f}x"
-        print(f"{r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
+        print(f"{r['engine']:12s} {r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
               f"{r['floor_sec']:8.2f} {r['achieved_gflops']:8.0f} {r['cpu_sec_per_iter']:7.2f} {ref}")
     print(f"matmul peak here ({a.threads} threads, best of 10, 1024^3): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")

@@ -1,17 +1,19 @@
 """Multi-client trajectory matching: several clients' MTT iterations, looped or as one batched computation.
 
 **Batched** (:func:`batched_meta_gradient`): several independent MTT problems (e.g. one per FedDGM client) run
-as one vectorised computation - ``torch.func.vmap`` over the problems of the per-step gradient and of the
-second-order product ``(H u, (dg/dx)^T u)`` (functorch turns a batch of per-problem weights into grouped
-convolutions), with per-problem step sizes, plans and augmentations. Everything around the meta-gradient
-(rendering, latent backward, optimisers: :meth:`fedlatent.distill.distiller.Distiller.apply`) stays per
-problem, with the same objects the looped path uses, so the two paths compute the same numbers up to
-floating-point reassociation (checked in float64 to 1e-10 in the tests; bitwise equality is impossible because
-a grouped convolution sums in another order than the hand-written ConvNet kernel the loop uses).
+as one computation. For the ConvNet the K students are one *grouped* network
+(:class:`~fedlatent.distill.kernels.ConvNetKernel` with ``groups=K``: student k's channels are the k-th group of
+every feature map, the convolutions are grouped, the classifier a batched matmul over stacked weights) and the
+exact meta-gradient runs through the same hand-written forward / backward / R-operator as the loop; the summed
+loss has a block-diagonal Hessian, so every block is exactly that student's. Other architectures fall back to
+``torch.func.vmap`` over the problems. Step sizes, plans and augmentations stay per problem, and everything
+around the meta-gradient (rendering, latent backward, optimisers: :meth:`fedlatent.distill.distiller.Distiller.apply`)
+uses the same objects as the looped path, so the two paths compute the same numbers up to floating-point
+reassociation (float64 tests: 1e-9).
 
 **Memory budget**: the number of problems per batch comes from :func:`client_bytes` and
-:func:`available_bytes` (:func:`choose_batch`). On CPU the hand-written per-problem kernel is faster than vmap
-(see ``benchmarks/feddgm.py --batched/--looped``), so FedDGM's ``batched="auto"`` batches on CUDA only.
+:func:`available_bytes` (:func:`choose_batch`). FedDGM's ``batched="auto"`` batches wherever the grouped kernel
+applies (CPU measurements: ``benchmarks/batched_speed.py``, ``benchmarks/RESULTS.md``) and, with vmap, on CUDA.
 
 :func:`distill_clients` runs a list of :class:`~fedlatent.distill.distiller.Distiller` s either way.
 """
@@ -60,8 +62,8 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
     ``log_lr`` ``[K]``, ``plans[k]`` the step plan of problem ``k`` (all of the same length). Problem ``k`` gets
     exactly what :func:`fedlatent.distill.mtt.meta_gradient` computes for it alone (MTT eqs. 1-2 and the adjoint
     recursion ``v_n = v_{n+1} + H_n u``, ``u = -alpha_k v_{n+1}``, ``dX += (dg_n/dX)^T u``,
-    ``d log_lr += g_n . u``): the per-step gradients and second-order products are ``vmap``-ed over ``k``;
-    minibatches and augmentation stay per problem.
+    ``d log_lr += g_n . u``): the per-step gradients and second-order products come from the grouped ConvNet
+    kernel (or are ``vmap``-ed over ``k`` for other models); minibatches and augmentation stay per problem.
     """
     K = int(theta_start.shape[0])
     if not (theta_target.shape[0] == images.shape[0] == labels.shape[0] == log_lr.shape[0] == len(plans) == K):
