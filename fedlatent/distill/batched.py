@@ -12,8 +12,10 @@ uses the same objects as the looped path, so the two paths compute the same numb
 reassociation (float64 tests: 1e-9).
 
 **Memory budget**: the number of problems per batch comes from :func:`client_bytes` and
-:func:`available_bytes` (:func:`choose_batch`). FedDGM's ``batched="auto"`` batches wherever the grouped kernel
-applies (CPU measurements: ``benchmarks/batched_speed.py``, ``benchmarks/RESULTS.md``) and, with vmap, on CUDA.
+:func:`available_bytes` (:func:`choose_batch`). FedDGM's ``batched="auto"`` batches on CUDA only: on CPU the
+grouped batch measured no faster than the loop (``benchmarks/batched_speed.py``, ``benchmarks/RESULTS.md``: the
+time goes into memory-bound elementwise passes, which batching does not reduce, and oneDNN's grouped
+convolutions are no faster than K separate ones).
 
 :func:`distill_clients` runs a list of :class:`~fedlatent.distill.distiller.Distiller` s either way.
 """

@@ -188,9 +188,8 @@ class FedDGMConfig:
     pool: str = "round"
     """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
     batched: bool | str = "auto"
-    """Distil the clients as one batched computation (True), one after the other (False), or 'auto' (batched when
-    the surrogate is a ConvNet the grouped kernel runs, on every device; otherwise on CUDA only, where vmap
-    batches)."""
+    """Distil the clients as one batched computation (True), one after the other (False), or 'auto' (batched on
+    CUDA only; on CPU the grouped batch measured no faster than the loop, see benchmarks/RESULTS.md)."""
     max_batch: int | None = None
     """At most this many clients per batch (None: as many as memory allows)."""
     classes: str = "all"
@@ -378,11 +377,8 @@ class FedDGM(Strategy):
         return out
 
     def _use_batched(self) -> bool:
-        if self.batched == "auto":  # grouped ConvNet students: batched everywhere; vmap (other models): CUDA only
-            from ...distill.kernels import ConvNetKernel
-
-            return self.mtt_mode == "exact" and (torch.device(self.ctx.device).type == "cuda"
-                                                 or ConvNetKernel.supports(self.surrogate))
+        if self.batched == "auto":
+            return torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
         return bool(self.batched)
 
     def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
