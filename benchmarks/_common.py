@@ -1,16 +1,53 @@
-"""Shared scaffolding of the benchmark scripts: machine description, results JSON, CLI exit codes."""
+"""Shared scaffolding of the benchmark scripts: argparse list types, the data root, seeded subsets, machine
+description, results JSON, comparison plots and CLI exit codes. The scripts import from here, never from each
+other."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from fedlatent.fl.run import write_json
-from fedlatent.utils import FedLatentError
+ROOT = Path(__file__).resolve().parents[1]
+
+from fedlatent.data import ImageData  # noqa: E402
+from fedlatent.fl.run import write_json  # noqa: E402
+from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
+    return parse
+
+
+def default_data_root() -> str:
+    return os.environ.get("FEDLATENT_DATA") or str((ROOT / ".." / "shared" / "data").resolve())
+
+
+def subsample(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
+    """A seeded random subset of the train / test sets (None or 0: keep everything)."""
+    def pick(n_total: int, n: int | None, key: str) -> torch.Tensor | None:
+        if not n or n >= n_total:
+            return None
+        return torch.from_numpy(np.sort(numpy_rng(seed, "subsample", data.name, key).choice(n_total, n, replace=False)))
+
+    tr, te = pick(len(data.y_train), n_train, "train"), pick(len(data.y_test), n_test, "test")
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train if tr is None else data.x_train[tr], y_train=data.y_train if tr is None else data.y_train[tr],
+        x_test=data.x_test if te is None else data.x_test[te], y_test=data.y_test if te is None else data.y_test[te],
+    )
 
 
 def machine_info() -> dict:
@@ -53,3 +90,25 @@ def plot_comparison(out: Path, results: list[dict], keys: tuple[str, ...]) -> li
         plot_curves(curves, path, title=", ".join(f"{k}={v}" for k, v in zip(keys, key)))
         paths.append(path)
     return paths
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type of ``-O KEY=VALUE`` (the command line's one parser: JSON values, dashes as underscores)."""
+    from fedlatent.cli._options import parse_key_value
+
+    try:
+        return parse_key_value(text, "-O")
+    except FedLatentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def num(v, spec: str = ".2f", scale: float = 1.0) -> str:
+    """``format(scale * v, spec)``, or "-" for a missing value."""
+    return "-" if v is None else format(scale * v, spec)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns aligned with two spaces, a dashed rule under the header (what every benchmark prints)."""
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])

@@ -47,10 +47,9 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/dynafed.py` fr
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
+from _common import key_value, format_table, _list, default_data_root, subsample, plot_comparison, run_cli, write_results  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
@@ -59,17 +58,6 @@ from fedlatent.utils import FedLatentError  # noqa: E402
 # documented with the paper's values in fedlatent.fl.methods.dynafed.DynaFed), with the unrolled MTT
 # gradient (identical to the exact one, faster for a width-16 ConvNet).
 CPU_DYNAFED = {"mtt_mode": "unrolled"}
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise argparse.ArgumentTypeError(f"-O {text!r} is not KEY=VALUE")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds (+ first/last) [%(default)s]")
     p.add_argument("--train-subsample", type=int, default=6000, help="training images used (0: all) [%(default)s]")
     p.add_argument("--test-subsample", type=int, default=2000, help="test images used (0: all) [%(default)s]")
-    p.add_argument("-O", "--dynafed-option", dest="dynafed_options", type=_option, action="append", default=[],
+    p.add_argument("-O", "--dynafed-option", dest="dynafed_options", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="DynaFed option overriding the CPU defaults (JSON value); repeatable")
     p.add_argument("--seed", type=int, default=0, help="[%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto [%(default)s]")
@@ -124,9 +112,7 @@ def table(rows: list[dict]) -> str:
                      _pct(r.get("best_accuracy")), _pct(r.get("last10_accuracy")), gain, gain10,
                      "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}",
                      "-" if r.get("synth_s") is None else f"{r['synth_s']:.0f}", (r.get("error") or "")[:60]])
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:

@@ -29,53 +29,21 @@ errors and the sweep goes on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/fl_baselines.py` from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from fedlatent.data import ImageData, load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
+from fedlatent.data import load_dataset  # noqa: E402
+from _common import format_table, _list, default_data_root, plot_comparison, run_cli, subsample, write_results  # noqa: E402,F401
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
-    return parse
-
-
-def default_data_root() -> str:
-    return os.environ.get("FEDLATENT_DATA") or str((ROOT / ".." / "shared" / "data").resolve())
-
-
-def subsample(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
-    """A seeded random subset of the train / test sets (None or 0: keep everything)."""
-    def pick(n_total: int, n: int | None, key: str) -> torch.Tensor | None:
-        if not n or n >= n_total:
-            return None
-        return torch.from_numpy(np.sort(numpy_rng(seed, "subsample", data.name, key).choice(n_total, n, replace=False)))
-
-    tr, te = pick(len(data.y_train), n_train, "train"), pick(len(data.y_test), n_test, "test")
-    return dataclasses.replace(
-        data,
-        x_train=data.x_train if tr is None else data.x_train[tr], y_train=data.y_train if tr is None else data.y_train[tr],
-        x_test=data.x_test if te is None else data.x_test[te], y_test=data.y_test if te is None else data.y_test[te],
-    )
+from fedlatent.utils import FedLatentError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,9 +84,7 @@ def table(rows: list[dict]) -> str:
              "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
              "-" if r.get("uplink_bytes") is None else f"{r['uplink_bytes'] / 1e6:.1f}",
              (r.get("error") or "")[:60]] for r in rows]
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:

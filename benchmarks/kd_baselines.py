@@ -43,10 +43,9 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/kd_baselines.p
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
+from _common import format_table, _list, default_data_root, subsample, plot_comparison, run_cli, write_results  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.fl.simulation import simulate  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
@@ -121,9 +120,7 @@ def table(rows: list[dict]) -> str:
             "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
             (r.get("error") or r.get("note") or "")[:60],
         ])
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:
