@@ -112,3 +112,73 @@ def format_table(head: list[str], body: list[list[str]]) -> str:
     w = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+
+
+def open_sweep(out: str | Path, overwrite: bool, skip_existing: bool) -> Path:
+    """The sweep's output folder: created; an earlier sweep's non-empty folder is refused unless ``overwrite`` /
+    ``skip_existing``."""
+    from fedlatent.fl.run import RunFolder
+
+    out = Path(out)
+    if not (overwrite or skip_existing):
+        RunFolder.check(out)  # never clobber an earlier sweep
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def datasets_of(a, resize: int | None = None):
+    """``(name, data)`` of every ``--datasets`` entry: loaded from ``--data-root``, subsampled (``--train-subsample``,
+    ``--test-subsample``, ``--seed``), announced on stdout."""
+    from fedlatent.data import load_dataset
+
+    for ds in a.datasets:
+        data = subsample(load_dataset(ds, root=a.data_root, **({"resize": resize} if resize else {})),
+                         a.train_subsample, a.test_subsample, a.seed)
+        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
+              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
+        yield ds, data
+
+
+def simulation_row(res) -> dict:
+    """A finished simulation's summary for a sweep row (without the per-upload rejections)."""
+    s = res.summary()
+    s.pop("rejections", None)
+    return s
+
+
+def run_sweep(cells, run_one: Callable, line: Callable[[dict], str], *, out: Path, benchmark: str, settings: dict,
+              skip_existing: bool, t0: float) -> list[dict]:
+    """The sweep loop of the benchmark scripts.
+
+    ``cells`` yields ``(row, run_dir, context)``: the row's identifying columns (dataset, alpha, method, ...), the
+    run folder and what ``run_one(row, run_dir, context) -> dict`` needs (e.g. the loaded data). A run whose
+    folder already has a summary.json is reused with ``skip_existing``; a FedLatentError becomes the row's
+    ``error``. After every cell: ``line(row)`` is printed and results.json rewritten (an interrupted sweep keeps
+    what it did). Returns the rows.
+    """
+    import json
+
+    results: list[dict] = []
+    for base, run_dir, context in cells:
+        row = {**base, "out_dir": str(run_dir)}
+        if skip_existing and (run_dir / "summary.json").is_file():
+            row.update(json.loads((run_dir / "summary.json").read_text()))
+            row["note"] = "existing"
+        else:
+            try:
+                row.update(run_one(row, run_dir, context))
+            except FedLatentError as e:
+                row["error"] = str(e)
+        row["method"], row["out_dir"] = base["method"], str(run_dir)
+        results.append(row)
+        print(line(row), flush=True)
+        write_results(out / "results.json", benchmark, settings, results, t0)
+    return results
+
+
+def accuracy_line(row: dict, prefix: str) -> str:
+    """``prefix: final x%  best y%  t s`` (or the error) for a sweep's progress output."""
+    if row.get("final_accuracy") is None:
+        return f"{prefix}: error: {row.get('error')}"
+    return (f"{prefix}: final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
+            f"{row['wall_s']:.1f}s")

@@ -36,7 +36,6 @@ Smoke test (well under a minute)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,11 +47,9 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/dynafed.py` fr
         sys.path.insert(0, str(p))
 
 
-from fedlatent.data import load_dataset  # noqa: E402
-from _common import key_value, format_table, _list, default_data_root, subsample, plot_comparison, run_cli, write_results  # noqa: E402
-from fedlatent.fl.run import RunFolder  # noqa: E402
+from _common import (_list, accuracy_line, datasets_of, default_data_root, format_table, key_value,  # noqa: E402
+                     open_sweep, plot_comparison, run_cli, run_sweep, simulation_row)
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError  # noqa: E402
 
 # DynaFed options of the CPU configuration: the strategy's defaults (already scaled to a CPU and
 # documented with the paper's values in fedlatent.fl.methods.dynafed.DynaFed), with the unrolled MTT
@@ -117,60 +114,42 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
-    if not (a.overwrite or a.skip_existing):
-        RunFolder.check(out)  # never clobber an earlier sweep
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_sweep(a.out, a.overwrite, a.skip_existing)
     dyn_opts = dict(CPU_DYNAFED)
     dyn_opts.update(dict(a.dynafed_options))
     settings = {k: v for k, v in vars(a).items() if k != "dynafed_options"}
     settings["dynafed_options"] = dyn_opts
-    results: list[dict] = []
     t0 = time.perf_counter()
-    for ds in a.datasets:
-        data = subsample(load_dataset(ds, root=a.data_root, resize=a.image_size), a.train_subsample, a.test_subsample, a.seed)
-        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
-        for alpha in a.alphas:
-            for method in a.methods:
-                run_dir = out / f"{ds}_a{alpha:g}_{method}"
-                row = {"dataset": ds, "alpha": alpha, "method": method, "out_dir": str(run_dir)}
-                if a.skip_existing and (run_dir / "summary.json").is_file():
-                    row.update(json.loads((run_dir / "summary.json").read_text()))
-                    row["note"] = "existing"
-                else:
-                    try:
-                        opts = dict(dyn_opts, progress=a.progress) if method == "dynafed" else {}
-                        res = simulate(
-                            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
-                            method_options=opts, run_info={"benchmark": "dynafed", "dataset_name": ds},
-                            clients=a.clients, partition=a.partition, alpha=alpha, rounds=a.rounds,
-                            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, momentum=a.momentum,
-                            batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed,
-                            device=a.device,
-                        )
-                        s = res.summary()
-                        s.pop("rejections", None)
-                        row.update(s)
-                        synth = [h for h in res.history if h.get("synth_s") is not None]
-                        if synth:
-                            row.update(synth_s=synth[0]["synth_s"], synth_loss=synth[0]["synth_loss"],
-                                       synth_round=synth[0]["round"], syn_lr=synth[0].get("syn_lr"))
-                        row["accuracy_curve"] = [[h["round"], h["accuracy"]] for h in res.history
-                                                 if h.get("accuracy") is not None]
-                        # At alpha = 0.01 the global accuracy swings from round to round; the mean of the
-                        # last 10 evaluations is a steadier summary than the final value.
-                        tail = [acc for _, acc in row["accuracy_curve"][1:]][-10:]
-                        row["last10_accuracy"] = sum(tail) / len(tail) if tail else None
-                    except FedLatentError as e:
-                        row["error"] = str(e)
-                row["method"], row["out_dir"] = method, str(run_dir)
-                results.append(row)
-                print(f"  alpha={alpha:g} {method}: "
-                      + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
-                         f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
-                      flush=True)
-                write_results(out / "results.json", "dynafed", settings, results, t0)
+
+    def cells():
+        for ds, data in datasets_of(a, resize=a.image_size):
+            for alpha in a.alphas:
+                for method in a.methods:
+                    yield {"dataset": ds, "alpha": alpha, "method": method}, out / f"{ds}_a{alpha:g}_{method}", data
+
+    def run_one(row, run_dir, data):
+        method = row["method"]
+        opts = dict(dyn_opts, progress=a.progress) if method == "dynafed" else {}
+        res = simulate(
+            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
+            method_options=opts, run_info={"benchmark": "dynafed", "dataset_name": row["dataset"]},
+            clients=a.clients, partition=a.partition, alpha=row["alpha"], rounds=a.rounds,
+            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, momentum=a.momentum,
+            batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed, device=a.device)
+        out_row = simulation_row(res)
+        synth = [h for h in res.history if h.get("synth_s") is not None]
+        if synth:
+            out_row.update(synth_s=synth[0]["synth_s"], synth_loss=synth[0]["synth_loss"],
+                           synth_round=synth[0]["round"], syn_lr=synth[0].get("syn_lr"))
+        out_row["accuracy_curve"] = [[h["round"], h["accuracy"]] for h in res.history if h.get("accuracy") is not None]
+        # At alpha = 0.01 the global accuracy swings from round to round; the mean of the
+        # last 10 evaluations is a steadier summary than the final value.
+        tail = [acc for _, acc in out_row["accuracy_curve"][1:]][-10:]
+        out_row["last10_accuracy"] = sum(tail) / len(tail) if tail else None
+        return out_row
+
+    results = run_sweep(cells(), run_one, lambda r: accuracy_line(r, f"  alpha={r['alpha']:g} {r['method']}"),
+                        out=out, benchmark="dynafed", settings=settings, skip_existing=a.skip_existing, t0=t0)
     print()
     print(table(results))
     for path in plot_comparison(out, results, ("dataset", "alpha")):

@@ -29,7 +29,6 @@ errors and the sweep goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,11 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/fl_baselines.py` from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from fedlatent.data import load_dataset  # noqa: E402
-from _common import format_table, _list, default_data_root, plot_comparison, run_cli, subsample, write_results  # noqa: E402,F401
-from fedlatent.fl.run import RunFolder  # noqa: E402
+from _common import (_list, accuracy_line, datasets_of, default_data_root, open_sweep,  # noqa: E402
+                     plot_comparison, run_cli, run_sweep, simulation_row, format_table)
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,48 +86,31 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
-    if not (a.overwrite or a.skip_existing):
-        RunFolder.check(out)  # never clobber an earlier sweep
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_sweep(a.out, a.overwrite, a.skip_existing)
     settings = {k: v for k, v in vars(a).items()}
-    results: list[dict] = []
     t0 = time.perf_counter()
-    for ds in a.datasets:
-        data = subsample(load_dataset(ds, root=a.data_root), a.train_subsample, a.test_subsample, a.seed)
-        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
-        for k in a.clients:
-            for alpha in a.alphas:
-                for method in a.methods:
-                    run_dir = out / f"{ds}_K{k}_a{alpha:g}_{method}"
-                    row = {"dataset": ds, "clients": k, "alpha": alpha, "method": method, "out_dir": str(run_dir)}
-                    if a.skip_existing and (run_dir / "summary.json").is_file():
-                        row.update(json.loads((run_dir / "summary.json").read_text()))
-                        row["note"] = "existing"
-                    else:
-                        try:
-                            res = simulate(
-                                method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
-                                method_options={"mu": a.mu} if method == "fedprox" else {},
-                                run_info={"benchmark": "fl_baselines", "dataset_name": ds},
-                                clients=k, partition=a.partition, alpha=alpha, min_size=a.min_size, rounds=a.rounds,
-                                participation=a.participation, local_epochs=a.local_epochs, lr=a.lr,
-                                batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed,
-                                device=a.device,
-                            )
-                            s = res.summary()
-                            s.pop("rejections", None)
-                            row.update(s)
-                        except FedLatentError as e:
-                            row["error"] = str(e)
-                    row["method"], row["out_dir"] = method, str(run_dir)
-                    results.append(row)
-                    print(f"  K={k} alpha={alpha:g} {method}: "
-                          + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
-                             f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
-                          flush=True)
-                    write_results(out / "results.json", "fl_baselines", settings, results, t0)
+
+    def cells():
+        for ds, data in datasets_of(a):
+            for k in a.clients:
+                for alpha in a.alphas:
+                    for method in a.methods:
+                        yield ({"dataset": ds, "clients": k, "alpha": alpha, "method": method},
+                               out / f"{ds}_K{k}_a{alpha:g}_{method}", data)
+
+    def run_one(row, run_dir, data):
+        method = row["method"]
+        return simulation_row(simulate(
+            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
+            method_options={"mu": a.mu} if method == "fedprox" else {},
+            run_info={"benchmark": "fl_baselines", "dataset_name": row["dataset"]},
+            clients=row["clients"], partition=a.partition, alpha=row["alpha"], min_size=a.min_size, rounds=a.rounds,
+            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size,
+            model=a.model, eval_every=a.eval_every, seed=a.seed, device=a.device))
+
+    results = run_sweep(cells(), run_one, lambda r: accuracy_line(r, f"  K={r['clients']} alpha={r['alpha']:g} "
+                                                                     f"{r['method']}"),
+                        out=out, benchmark="fl_baselines", settings=settings, skip_existing=a.skip_existing, t0=t0)
     print()
     print(table(results))
     for path in plot_comparison(out, results, ("dataset", "clients", "alpha")):

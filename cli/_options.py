@@ -6,7 +6,7 @@ from typing import Callable
 
 import click
 
-from fedlatent.backends import BACKENDS, RayBackend, make_backend
+from fedlatent.backends import BACKENDS, make_backend
 from fedlatent.errors import FedLatentError
 
 
