@@ -372,6 +372,10 @@ class FedDGM(Strategy):
             self.save_round(ctx.run_dir, rnd)
         return extra
 
+    def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:
+        """Run the looped per-client distillation through a parallel backend's ``client_map``."""
+        self.distill_map = client_map
+
     def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
         """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
         seeds and iterations as the loop over all clients, so the same numbers. In a :meth:`worker_view` the
