@@ -7,6 +7,7 @@
 * :mod:`.batched` -- several clients' iterations, looped or as one batched computation, with a memory budget;
 * :mod:`.samplers` -- expert-trajectory segments (MTT, DynaFed);
 * :mod:`.pool` -- per-client distilled sets pooled with provenance (FedDGM's server side);
+* :mod:`.global_trajectory` -- DynaFed's synthesis of a soft-labelled pseudo set from the global trajectory;
 * :mod:`.experts` -- expert trajectories (train, save, load);
 * :mod:`.pixels` -- pixel-space distillation and evaluation, and the ``fedlatent distill-pixels`` pipeline.
 """
