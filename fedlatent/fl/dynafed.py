@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from ..distill.augment import DSA, parse_strategy
 from ..distill.pixels import fit_on_set
 from ..models.functional import FlatModel
-from ..utils import FedLatentError, atomic_write, derive_seed, numpy_rng, torch_generator
+from ..utils import FedLatentError, atomic_write, derive_seed, save_safetensors, numpy_rng, torch_generator
 from .base import FLContext, Upload, register_method
 from .fedavg import FedAvg
 
@@ -173,8 +173,6 @@ def save_pseudo_set(path: str | os.PathLike, pseudo: PseudoSet, metadata: dict[s
                     losses: Sequence[float] | None = None) -> None:
     """Write ``pseudo`` as safetensors (atomic): images float32, label_logits, soft_labels, lr,
     synthesis_loss; ``metadata`` values are stored as JSON strings."""
-    from safetensors.torch import save_file
-
     tensors = {
         "images": pseudo.images.detach().float().cpu().contiguous(),
         "label_logits": pseudo.label_logits.detach().float().cpu().contiguous(),
@@ -184,7 +182,7 @@ def save_pseudo_set(path: str | os.PathLike, pseudo: PseudoSet, metadata: dict[s
     }
     meta = {"format": "fedlatent.dynafed.pseudo/1"}
     meta.update({str(k): json.dumps(v) for k, v in (metadata or {}).items()})
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    save_safetensors(path, tensors, meta)
 
 
 def load_pseudo_set(path: str | os.PathLike) -> tuple[PseudoSet, dict[str, Any], list[float]]:
