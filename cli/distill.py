@@ -77,10 +77,13 @@ def _parse_option(text: str) -> tuple[str, object]:
                    "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
                    "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.option("--log", "log", default="csv", show_default=True, metavar="csv[,tensorboard][,mlflow]",
+              help="Experiment trackers: csv (metrics.csv, always written), tensorboard (RUN/tensorboard), mlflow "
+                   "(local file store RUN/mlruns, no server); extras fedlatent[tensorboard] / fedlatent[mlflow].")
 @click_options
 def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
             ipc, iterations, syn_steps, generator, space, surrogate, global_model, train_epochs, batched, seed, device,
-            out, overwrite, resume, checkpoint_every, options, threads, no_progress, **backend_options):
+            out, overwrite, resume, checkpoint_every, options, threads, no_progress, log, **backend_options):
     """Federated learning through server-side latent distillation (FedDGM).
 
     Clients train the global surrogate locally and upload start/end weights; the server distils each client's
@@ -122,11 +125,12 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
                 raise FedLatentError("--resume continues a run with its own options; drop "
                                      f"{', '.join(sorted(explicit))}")
             result = distill_federated(resume=resume, progress=not no_progress, checkpoint_every=checkpoint_every,
-                                       backend=backend or "serial")
+                                       backend=backend or "serial", log=log)
         else:
             result = distill_federated(dataset=dataset, data_root=data_root, preset=preset, out=out,
                                        overwrite=overwrite, image_size=image_size, progress=not no_progress,
-                                       checkpoint_every=checkpoint_every, backend=backend or "serial", **opts)
+                                       checkpoint_every=checkpoint_every, backend=backend or "serial", log=log,
+                                       **opts)
     finally:
         if backend is not None:
             backend.close()

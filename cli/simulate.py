@@ -92,10 +92,13 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Run folder to write. [default: runs/<method>-<dataset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty run folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--log", "log", default="csv", show_default=True, metavar="csv[,tensorboard][,mlflow]",
+              help="Experiment trackers: csv (metrics.csv, always written), tensorboard (RUN/tensorboard), mlflow "
+                   "(local file store RUN/mlruns, no server); extras fedlatent[tensorboard] / fedlatent[mlflow].")
 @click_options
 def simulate(method, dataset, data_root, image_size, clients, partition, alpha, min_size, classes_per_client, rounds,
              participation, local_epochs, lr, momentum, weight_decay, batch_size, mu, method_options, model,
-             client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet,
+             client_models, public_fraction, transfer, eval_every, seed, device, out, overwrite, quiet, log,
              **backend_options) -> None:
     """Simulate federated training of one method and write a run folder.
 
@@ -132,6 +135,7 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
             rounds=rounds, participation=participation, local_epochs=local_epochs, lr=lr, momentum=momentum,
             weight_decay=weight_decay, batch_size=batch_size, model=model, eval_every=eval_every, seed=seed,
             device=device, client_models=client_models, public_fraction=public_fraction, backend=backend or "serial",
+            log=log,
         )
     finally:
         if backend is not None:

@@ -1058,7 +1058,7 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
                       out: str | os.PathLike | None = None, overwrite: bool = False, resume: str | os.PathLike | None = None,
                       image_size: int | None = None, progress: bool = True, checkpoint_every: int = 1,
                       data=None, exclude_public: bool = True, backend: Any = "serial", ray_address: str | None = None,
-                      **options: Any):
+                      log: str | Sequence[str] | None = None, **options: Any):
     """Run FedDGM end to end and write a run folder; the API behind ``fedlatent distill``.
 
     ``preset`` ("cpu" | "paper", see :data:`PRESETS`) gives the defaults; ``options`` override them with any
@@ -1069,21 +1069,22 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
     killed run from its last checkpoint with the options recorded in its config.json (then ``out`` and the
     options must be left out). ``backend`` / ``ray_address``: where the clients and the looped per-client
     distillation run ("serial", "ray" or a :class:`fedlatent.parallel.RayBackend`, as in
-    :func:`fedlatent.fl.simulation.simulate`; results are the same). Returns a :class:`DistillResult`.
+    :func:`fedlatent.fl.simulation.simulate`; results are the same). ``log``: trackers besides metrics.csv
+    (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``). Returns a :class:`DistillResult`.
     """
     from ..parallel import make_backend
 
     runner = make_backend(backend, ray_address)
     try:
         return _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress,
-                                  checkpoint_every, data, exclude_public, runner, options)
+                                  checkpoint_every, data, exclude_public, runner, options, log)
     finally:
         if runner is not None and runner is not backend:
             runner.close()
 
 
 def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress, checkpoint_every,
-                       data, exclude_public, runner, options):
+                       data, exclude_public, runner, options, log=None):
     """The body of :func:`distill_federated` (``runner``: None or a started-on-demand RayBackend)."""
     from ..data import load_dataset
     from .checkpoint import has_checkpoint, load_checkpoint, make_checkpoint_fn, resume_state
@@ -1160,15 +1161,22 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
         run_info["backend"] = runner.describe()
         runner.attach(strategy)
     ckpt_fn = make_checkpoint_fn(out, every=checkpoint_every) if out is not None else None
-    sim = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=run_info, progress=progress,
-                         checkpoint_fn=ckpt_fn, resume=resume_arg,
-                         client_map=runner.client_map if runner is not None else None)
-    report = distilled = None
-    if out is not None:
-        out = Path(out)
-        distilled = out / DISTILLED_FILE if (out / DISTILLED_FILE).is_file() else None
-        report = write_report(out, read_metrics(out / "metrics.csv"), record, sim, strategy, excluded,
-                              cpu_s=time.process_time() - cpu0)
+    from contextlib import nullcontext
+
+    from ..tracking import open_trackers
+
+    with open_trackers(out, log, resume_from=resumed_from) if out is not None else nullcontext() as tracker:
+        sim = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=run_info,
+                             progress=progress, checkpoint_fn=ckpt_fn, resume=resume_arg,
+                             client_map=runner.client_map if runner is not None else None, tracker=tracker)
+        report = distilled = None
+        if out is not None:
+            out = Path(out)
+            distilled = out / DISTILLED_FILE if (out / DISTILLED_FILE).is_file() else None
+            report = write_report(out, read_metrics(out / "metrics.csv"), record, sim, strategy, excluded,
+                                  cpu_s=time.process_time() - cpu0)
+            if tracker:
+                tracker.log_run_folder(out)
     return DistillResult(sim, Path(out) if out is not None else None, distilled, report, resumed_from)
 
 

@@ -20,7 +20,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                    overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
                    progress: bool = True, client_map: ClientMap | None = None,
                    checkpoint_fn: Callable[[int, Strategy, dict[str, Any]], None] | None = None,
-                   resume: Mapping[str, Any] | None = None) -> SimulationResult:
+                   resume: Mapping[str, Any] | None = None, tracker: Any = None) -> SimulationResult:
     """Run ``config.rounds`` federated rounds of ``strategy`` on ``data``.
 
     With ``out_dir`` the run folder (:mod:`fedlatent.fl.run`) is written as the run goes; an existing
@@ -201,6 +201,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     called after every recorded round (``engine_state``: history, rejections, totals, wall_s, final);
     ``resume`` (``{"round", "strategy", "history", "rejections", "totals", "wall_s"}``) restores the strategy
     state after ``setup`` and continues with round ``resume["round"] + 1`` (pass ``overwrite=True``).
+    ``tracker`` (:func:`fedlatent.tracking.open_trackers`) gets config.json as params and every metrics row.
     """
     t_start = time.perf_counter()
     cfg = config.check()
@@ -249,6 +250,8 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                                     "private": int(len(private_idx))}
         info.update(run_info or {})
         run.write_config(info)
+        if tracker is not None:
+            tracker.log_params(info)
         save_partition_report(run.path, counts, list(data.classes))
 
     strategy.setup(ctx)
@@ -284,6 +287,8 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     def record(row: dict[str, Any], final: bool) -> None:
         nonlocal last_plot
         history.append(row)
+        if tracker is not None:
+            tracker.log_metrics(row, step=int(row["round"]))
         if run is not None:
             plot = row.get("accuracy") is not None and (final or time.perf_counter() - last_plot >= PLOT_INTERVAL_S)
             run.log_round(row, label=strategy.name, plot=plot)
@@ -393,7 +398,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              method_options: Mapping[str, Any] | None = None, progress: bool = True,
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
              client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
-             **config: Any) -> SimulationResult:
+             log: str | Sequence[str] | None = None, **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
@@ -402,6 +407,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     ``client_map`` to run clients elsewhere (see :func:`run_simulation`). ``backend``: "serial" (in this
     process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
     stopped for this run) or a :class:`fedlatent.parallel.RayBackend` (its settings; the caller closes it).
+    ``log``: trackers besides metrics.csv (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``; needs ``out``).
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -410,6 +416,9 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     cfg = FLConfig(**config).check()
     if out is not None:
         RunFolder.check(out, overwrite)
+    from ..tracking import open_trackers
+
+    tracker = open_trackers(out, log) if out is not None else None
     from ..parallel import make_backend
 
     runner = make_backend(backend, ray_address)
@@ -429,10 +438,18 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
         info["backend"] = runner.describe()
         runner.attach(strategy)
     info.update(run_info or {})
+    status = "FAILED"
     try:
-        return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
-                              progress=progress, client_map=runner.client_map if runner is not None else client_map)
+        result = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
+                                progress=progress, client_map=runner.client_map if runner is not None else client_map,
+                                tracker=tracker)
+        if tracker:
+            tracker.log_run_folder(result.out_dir)
+        status = "FINISHED"
+        return result
     finally:
+        if tracker is not None:
+            tracker.close(status)
         if runner is not None and runner is not backend:
             runner.close()
 
