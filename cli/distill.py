@@ -5,6 +5,7 @@ import json
 
 import click
 
+from fedlatent.configfile import distill_options, with_config
 from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
@@ -21,6 +22,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 @click.command("distill")
+@with_config(distill_options)
 @click.option("--preset", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
               help="cpu: digits-scale run for a laptop (5 clients, 3 rounds, ConvNet width 16, ipc 2, 20 iterations of "
                    "8 syn_steps); paper: the FedDGM reference schedule for GPUs (10 clients, Dirichlet 0.5, 20 rounds, "

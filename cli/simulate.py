@@ -7,6 +7,7 @@ import time
 import click
 
 from fedlatent.fl.base import FLConfig
+from fedlatent.configfile import simulate_options, with_config
 from fedlatent.parallel import backend_from_cli, click_options
 from fedlatent.utils import FedLatentError
 
@@ -25,6 +26,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 @click.command("simulate")
+@with_config(simulate_options)
 @click.option("--method", default="fedavg", show_default=True,
               help="Federated method: fedavg, fedprox, feddf, fedmd, or any other method registered in fedlatent.fl "
                    "(an unknown name lists them all).")

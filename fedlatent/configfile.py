@@ -1,0 +1,194 @@
+"""Replayable configs: ``--config FILE`` (TOML or JSON) for the commands that train.
+
+A config file holds the command's options by their long names (``rounds = 10``, ``local-epochs = 2`` or
+``local_epochs = 2``); a repeatable ``KEY=VALUE`` option (``--option`` / ``--method-option``) takes a table::
+
+    # simulate.toml
+    method = "fedprox"
+    rounds = 10
+    alpha = 0.1
+    [method-option]
+    mu = 0.01
+
+A run folder's ``config.json`` (written by ``fedlatent simulate`` / ``fedlatent distill``) is a config file too:
+``--config RUN/config.json`` replays that run with the same options, hence the same metrics.
+
+Precedence: an option given on the command line (or through its environment variable) wins over the file, the
+file wins over the preset and the built-in defaults. For the ``KEY=VALUE`` options the file's entries come first
+and the command line's after them, so a key given on the command line wins. Unknown keys are one error that lists
+the valid ones.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+from click.core import ParameterSource
+
+from .utils import FedLatentError
+
+USER_SOURCES = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+SKIP_PARAMS = ("config_file", "help", "version")
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON (anything else) file as a dict; FedLatentError for a missing or bad file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedLatentError(f"{p}: no such config file")
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise FedLatentError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'} ({e})") from None
+    if not isinstance(data, dict):
+        raise FedLatentError(f"{p}: a config file holds a table/object of options, got {type(data).__name__}")
+    return data
+
+
+def _key(name: str) -> str:
+    return name.strip().lstrip("-").replace("-", "_")
+
+
+def option_index(command: click.Command) -> dict[str, click.Parameter]:
+    """Every name a config file may use for the command's options: long flag names (``_`` or ``-``) and dests."""
+    out: dict[str, click.Parameter] = {}
+    for p in command.params:
+        if not isinstance(p, click.Option) or p.name in SKIP_PARAMS:
+            continue
+        out[_key(p.name)] = p
+        for o in p.opts:  # not the secondary (--no-x) names of a boolean flag
+            if o.startswith("--"):
+                out[_key(o)] = p
+    return out
+
+
+def _key_values(value: Any, where: str) -> list[str]:
+    if isinstance(value, Mapping):
+        return [f"{k}={json.dumps(v)}" for k, v in value.items()]  # values read back as JSON, strings included
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise FedLatentError(f"{where}: expects a table of KEY = VALUE (or a list of 'KEY=VALUE' strings)")
+
+
+def resolve(ctx: click.Context, values: Mapping[str, Any], params: dict[str, Any], source: str) -> dict[str, Any]:
+    """``params`` (the command's keyword arguments) with the file's ``values`` filled in where the user set nothing.
+
+    ``values`` maps option names (see :func:`option_index`) to plain values; they are converted and checked by
+    the option's own click type, so a bad value is the same error as on the command line.
+    """
+    index = option_index(ctx.command)
+    unknown = sorted(k for k in values if _key(k) not in index)
+    if unknown:
+        valid = sorted({o.lstrip("-") for p in set(index.values()) for o in p.opts if o.startswith("--")})
+        raise FedLatentError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    out = dict(params)
+    for k, v in values.items():
+        p = index[_key(k)]
+        where = f"{source}: {k}"
+        user_set = ctx.get_parameter_source(p.name) in USER_SOURCES
+        if p.multiple:
+            file_items = _key_values(v, where)
+            out[p.name] = tuple(file_items) + tuple(params.get(p.name) or ())  # command line after: it wins
+            continue
+        if user_set:
+            continue
+        try:
+            out[p.name] = None if v is None else p.type_cast_value(ctx, v)
+        except click.BadParameter as e:
+            raise FedLatentError(f"{where}: {e.message}") from None
+    return out
+
+
+def with_config(from_run: Callable[[dict], dict] | None = None, help_text: str | None = None):
+    """Decorator for a click command (place it right under ``@click.command``): adds ``--config FILE``.
+
+    ``from_run(config_json)`` turns the command's own run-folder ``config.json`` into option values; it is used
+    when the file is recognised as one (it returns None for a file that is not).
+    """
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, config_file=None, **kwargs):
+            if config_file is not None:
+                data = load_file(config_file)
+                values = from_run(data) if from_run is not None else None
+                kwargs = resolve(click.get_current_context(), data if values is None else values, kwargs,
+                                 str(config_file))
+            return fn(*args, **kwargs)
+
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                            metavar="FILE", help=help_text or (
+                                "Options from a TOML or JSON file (a run folder's config.json replays that run); "
+                                "options given here win over the file, the file over the preset."))(wrapper)
+
+    return deco
+
+
+# --- a run folder's config.json -> option values ------------------------------------------------------------
+
+def _fl_defaults() -> dict[str, Any]:
+    from .fl.base import FLConfig
+
+    return FLConfig().to_dict()
+
+
+def simulate_options(cfg: Mapping[str, Any]) -> dict | None:
+    """``fedlatent simulate``'s config.json -> its options (None when ``cfg`` is not one)."""
+    if "method" not in cfg or "config" not in cfg or "versions" not in cfg or "distill" in cfg:
+        return None
+    from .fl.base import FLConfig
+
+    named = {"clients", "partition", "alpha", "min_size", "classes_per_client", "rounds", "participation",
+             "local_epochs", "lr", "momentum", "weight_decay", "batch_size", "model", "client_models",
+             "public_fraction", "eval_every", "seed", "device"}
+    out: dict[str, Any] = {"method": cfg["method"], "dataset": cfg.get("dataset_name") or cfg["dataset"]["name"],
+                           "image_size": cfg.get("image_size_requested")}
+    defaults = _fl_defaults()
+    for k, v in cfg["config"].items():
+        if k in named:
+            out[k] = v
+        elif k in FLConfig.__dataclass_fields__ and v != defaults.get(k):
+            raise FedLatentError(f"config.json sets {k}={v!r}, which `fedlatent simulate` has no option for; "
+                                 "replay it through the Python API (fedlatent.fl.simulate)")
+    opts = dict(cfg.get("method_options") or {})
+    for k in ("mu", "transfer"):
+        if k in opts:
+            out[k] = opts.pop(k)
+    if opts:
+        out["method_option"] = opts
+    return out
+
+
+def distill_options(cfg: Mapping[str, Any]) -> dict | None:
+    """``fedlatent distill``'s config.json -> its options (None when ``cfg`` is not one)."""
+    rec = cfg.get("distill")
+    if not isinstance(rec, Mapping) or "versions" not in cfg:
+        return None
+    cli_cfg = {"clients", "participation", "partition", "alpha", "rounds", "local_epochs", "seed", "device", "model"}
+    cli_meth = {"ipc", "iterations", "syn_steps", "generator", "space", "surrogate", "train_epochs", "batched"}
+    out: dict[str, Any] = {k: rec[k] for k in ("preset", "dataset", "data_root", "image_size", "checkpoint_every")
+                           if rec.get(k) is not None}
+    extra: dict[str, Any] = {}
+    for k, v in rec["config"].items():
+        (out if k in cli_cfg else extra)[k] = v
+    for k, v in rec["method_options"].items():
+        if v is None or k == "dataset":  # None: the built-in choice; dataset: recorded from the data
+            continue
+        (out if k in cli_meth else extra)[k] = v
+    if extra:
+        out["option"] = extra
+    return out
+
+
+__all__ = ["load_file", "option_index", "resolve", "with_config", "simulate_options", "distill_options"]
