@@ -7,6 +7,7 @@ import click
 
 from fedlatent.configfile import distill_options, with_config
 from fedlatent.parallel import backend_from_cli, click_options
+from fedlatent.summary import echo_summary
 from fedlatent.utils import FedLatentError
 
 
@@ -137,6 +138,9 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    sim = result.simulation
+    echo_summary(sim.history, title="feddgm summary", wall_s=sim.wall_s, out_dir=result.out_dir,
+                 info={} if result.resumed_from is None else {"resumed after round": result.resumed_from})
 
 
 COMMANDS = [distill]

@@ -109,7 +109,13 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
         e = res.evaluation
         msg += f"; test accuracy {100 * e['mean']:.2f} +- {100 * e['std']:.2f} % ({arch}, {len(e['accs'])} runs)"
     click.echo(msg)
-    click.echo(f"wrote {out}/distilled.safetensors, grid.png, metrics.json")
+    from fedlatent.summary import echo_summary
+
+    echo_summary([], title="distill-pixels summary", wall_s=time.time() - t0, out_dir=out,
+                 files=["distilled.safetensors", "grid.png", "metrics.json"],
+                 info={"images": len(res.images), "final loss (mean of last 10)": f"{last:.4f}",
+                       **({"test accuracy": f"{e['mean']:.4f} +- {e['std']:.4f} ({len(e['accs'])} runs)"}
+                          if res.evaluation else {})})
 
 
 COMMANDS = [distill_pixels]

@@ -9,6 +9,7 @@ import click
 from fedlatent.fl.base import FLConfig
 from fedlatent.configfile import simulate_options, with_config
 from fedlatent.parallel import backend_from_cli, click_options
+from fedlatent.summary import echo_summary
 from fedlatent.utils import FedLatentError
 
 _D = FLConfig()  # option defaults come from the config dataclass, so the CLI and the API agree
@@ -143,6 +144,7 @@ def simulate(method, dataset, data_root, image_size, clients, partition, alpha, 
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    echo_summary(result.history, title=f"{result.method} summary", wall_s=result.wall_s, out_dir=result.out_dir)
 
 
 COMMANDS = [simulate]
