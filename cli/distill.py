@@ -30,7 +30,8 @@ def _parse_option(text: str) -> tuple[str, object]:
                    "ConvNet-D3 width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5). "
                    "Every option below overrides the preset.")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
+              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
+                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
 @click.option("--image-size", type=click.IntRange(4, 512), default=None,

@@ -32,7 +32,8 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Federated method: fedavg, fedprox, feddf, fedmd, or any other method registered in fedlatent.fl "
                    "(an unknown name lists them all).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
+              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
+                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
 @click.option("--image-size", type=click.IntRange(4, 512), default=None,

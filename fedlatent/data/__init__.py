@@ -312,10 +312,15 @@ def _load_torchvision(info: DatasetInfo, root, resize, download: bool) -> ImageD
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, resize: int | None = None,
                  download: bool = False) -> ImageData:
-    """Load a dataset by registry name, or ``npz:/path/to/folder`` for any npz folder.
+    """Load a dataset by registry name, ``npz:/path/to/folder`` for any npz folder, or ``hf:/path`` for a Hugging
+    Face ``DatasetDict`` saved with ``save_to_disk`` (train and test splits).
 
     Raises :class:`FedLatentError` with one clear line when the files cannot be found or read.
     """
+    if name.startswith("hf:"):  # a Hugging Face DatasetDict saved with save_to_disk (fedlatent.data.hf)
+        from .hf import load_hf_folder
+
+        return load_hf_folder(name[3:], resize=resize)
     if name.startswith("npz:"):
         folder = Path(name[4:]).expanduser()
         if not folder.is_dir():

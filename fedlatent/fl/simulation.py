@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import ImageData, load_dataset
+from ..data.hf import given_partitions
 from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
 from .base import ClientData, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
@@ -214,7 +215,11 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         raise FedLatentError(f"method {strategy.name!r} needs one architecture for all clients; "
                              "--client-models is for heterogeneous methods such as feddf and fedmd (use --model)")
     labels = data.y_train.cpu().numpy()
-    public_idx, private_idx, parts = split_clients(labels, cfg)
+    given = given_partitions(data, cfg.clients)  # a Flower Datasets partitioner's partitions (fedlatent.data.hf)
+    if given is not None and cfg.public_fraction > 0:
+        raise FedLatentError("public_fraction cannot be combined with partitions given by the data")
+    public_idx, private_idx, parts = split_clients(labels, cfg) if given is None else \
+        (np.zeros(0, dtype=np.int64), np.arange(len(labels)), given)
     counts = label_counts(labels, parts, data.num_classes)
     schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
 
@@ -248,6 +253,8 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         if len(public_idx):
             info["public_split"] = {"fraction": cfg.public_fraction, "public": int(len(public_idx)),
                                     "private": int(len(private_idx))}
+        if given is not None:
+            info["partition_given"] = data.extra.get("partitioner", "by the data")
         info.update(run_info or {})
         run.write_config(info)
         if tracker is not None:
