@@ -118,3 +118,21 @@ def test_bad_inputs_are_clear_errors(tmp_path, hf_folder):
     no_img = datasets.Dataset.from_dict({"feat": [[1, 2]] * 4, "label": [0, 1, 0, 1]})
     with pytest.raises(FedLatentError, match="no image column"):
         from_partitioner(IidPartitioner(num_partitions=2), no_img, train=no_img)
+
+
+def test_partitioner_data_drive_feddgm(hf_folder, tmp_path):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedlatent import distill_federated
+    from fedlatent.data.hf import from_partitioner
+
+    path, _, _ = hf_folder
+    dd = datasets.load_from_disk(str(path))
+    data = from_partitioner(IidPartitioner(num_partitions=2), dd["test"], train=dd["train"], name="toy-iid")
+    res = distill_federated(data=data, clients=2, participation=1.0, rounds=1, local_epochs=1, space="pixel",
+                            model="convnet:width=4", surrogate="convnet:width=4", ipc=1, iterations=1, syn_steps=2,
+                            train_epochs=1, out=tmp_path / "r", progress=False)
+    assert res.simulation.rounds == 1 and res.distilled.is_file()
+    import json
+
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["partition_given"] == "IidPartitioner (2 partitions)"
