@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from fedlatent import tracking
 from fedlatent.fl.run import read_metrics
