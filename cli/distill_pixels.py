@@ -49,13 +49,13 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
     """
     import numpy as np
     import torch
-    from safetensors.torch import save_file
     from torchvision.utils import save_image, make_grid
 
     from fedlatent.data import load_dataset
     from fedlatent.distill import ZCA, DistillConfig, distill_pixels as run, load_experts, save_experts, train_experts
     from fedlatent.distill.mtt import tune_allocator
-    from fedlatent.utils import FedLatentError, atomic_write, atomic_write_text, derive_seed, numpy_rng
+    from fedlatent.utils import (FedLatentError, atomic_write, atomic_write_text, derive_seed, numpy_rng,
+                                 save_safetensors)
 
     tune_allocator()
     out = Path(out_dir)
@@ -92,9 +92,8 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
               eval_seeds=tuple(range(eval_seeds)), progress=progress)
     tensors = {"images": res.images.contiguous(), "labels": res.labels.contiguous(),
                "lr": torch.tensor([res.lr], dtype=torch.float64)}
-    atomic_write(out / "distilled.safetensors",
-                 lambda p: save_file(tensors, p, metadata={"dataset": dataset, "arch": arch, "zca": str(zca),
-                                                           "mean": json.dumps(data.mean), "std": json.dumps(data.std)}))
+    save_safetensors(out / "distilled.safetensors", tensors, {"dataset": dataset, "arch": arch, "zca": str(zca),
+                                                              "mean": json.dumps(data.mean), "std": json.dumps(data.std)})
     view = zca_t.inverse(res.images) if zca_t is not None else res.images
     view = data.denormalize(view)
     grid = make_grid(view, nrow=max(ipc, 1) if ipc <= 20 else 20, padding=1)

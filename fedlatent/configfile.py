@@ -153,7 +153,7 @@ def simulate_options(cfg: Mapping[str, Any]) -> dict | None:
              "local_epochs", "lr", "momentum", "weight_decay", "batch_size", "model", "client_models",
              "public_fraction", "eval_every", "seed", "device"}
     out: dict[str, Any] = {"method": cfg["method"], "dataset": cfg.get("dataset_name") or cfg["dataset"]["name"],
-                           "image_size": cfg.get("image_size_requested")}
+                           "image_size": cfg.get("image_size_requested"), "data_root": cfg.get("data_root")}
     defaults = _fl_defaults()
     for k, v in cfg["config"].items():
         if k in named:

@@ -111,6 +111,7 @@ def render(s: Summary, plain: bool | None = None, width: int | None = None, colo
     if plain:
         return _plain(s)
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     buf = io.StringIO()
@@ -126,13 +127,10 @@ def render(s: Summary, plain: bool | None = None, width: int | None = None, colo
     elif s.title:
         console.print(s.title)
     pairs = s.info + s.files
-    if pairs:
-        t = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
-        t.add_column(style="bold")
-        t.add_column(overflow="fold")
+    if pairs:  # plain lines, never wrapped: paths stay whole for copy and paste
+        w = max(len(k) for k, _ in pairs)
         for k, v in pairs:
-            t.add_row(k, v)
-        console.print(t)
+            console.print(f"[bold]{escape(k.ljust(w))}[/bold]  {escape(v)}", soft_wrap=True)
     return buf.getvalue()
 
 

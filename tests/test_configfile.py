@@ -106,3 +106,8 @@ def test_missing_file_and_unreplayable_config(tmp_path):
     with pytest.raises(FedLatentError, match="norm_cap=5.0.*no option"):
         simulate_options(cfg)
     assert simulate_options({"rounds": 3}) is None  # a plain option file, not a run's config.json
+    cfg["config"]["norm_cap"] = FLConfig().norm_cap
+    cfg.update(data_root="some/folder", image_size_requested=12, method_options={"mu": 0.1, "beta": 2})
+    assert simulate_options(cfg) | {"clients": 10} == {**{k: v for k, v in FLConfig().to_dict().items() if k not in (
+        "eval_batch_size", "norm_factor", "norm_cap")}, "method": "fedavg", "dataset": "digits", "image_size": 12,
+        "data_root": "some/folder", "mu": 0.1, "method_option": {"beta": 2}}

@@ -39,6 +39,9 @@ def test_rendered_text_holds_every_entry(tmp_path, plain):
                    "run folder", str(tmp_path)):
         assert needle in text, (needle, text)
     assert "\x1b[" not in text  # no colour codes unless asked
+    long = tmp_path / ("a-very-long-folder-name-" * 6) / "run[1]"
+    text = render(summarize(ROWS, title="t", out_dir=long), plain=plain, width=60)
+    assert str(long) in text  # whole, on one line, even in a narrow terminal
 
 
 def test_format_seconds():

@@ -440,7 +440,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
         if image_size is None and dataset == "digits":
             image_size = 16
         data = load_dataset(dataset, root=data_root, resize=image_size)
-    info = {"dataset_name": dataset, "image_size_requested": image_size}
+    info = {"dataset_name": dataset, "image_size_requested": image_size,
+            "data_root": None if data_root is None else str(data_root)}
     if runner is not None:
         info["backend"] = runner.describe()
         runner.attach(strategy)
