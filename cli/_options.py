@@ -206,5 +206,51 @@ def method_option(command):
                              "-O pool=all; repeatable, overrides the options above.")(command)
 
 
-__all__ = ["parse_key_value", "backend_options", "backend_from_cli", "fl_options", "fl_values", "option_strings",
+def log_option(command):
+    """``--log csv[,tensorboard][,mlflow]``: the experiment trackers of every command that trains
+    (:mod:`fedlatent.tracking`); the command gets ``log``."""
+    return click.option("--log", "log", default="csv", show_default=True, metavar="csv[,tensorboard][,mlflow]",
+                        help="Experiment trackers: csv (metrics.csv, always written), tensorboard (RUN/tensorboard), "
+                             "mlflow (local file store RUN/mlruns, no server); extras fedlatent[tensorboard] / "
+                             "fedlatent[mlflow].")(command)
+
+
+def baseline_option(command):
+    """``--baseline fedavg|none``: the reference run beside a method's run (same partition, initial weights and
+    client schedule, through the same engine, into RUN/baseline/); the command gets ``baseline``."""
+    return click.option("--baseline", type=click.Choice(["fedavg", "none"]), default=None,
+                        help="Also run this method on the same partition, initial weights and client schedule (into "
+                             "RUN/baseline/); accuracy.png, report.md and the summary compare the two. "
+                             "[default: fedavg]")(command)
+
+
+def config_option(from_run=None):
+    """``--config FILE`` (TOML or JSON; a run folder's config.json replays that run): place it right under
+    ``@click.command``. The valid keys are the command's own options (:func:`fedlatent.configfile.option_index`),
+    so an option added to the command is a config key too; ``from_run(config_json, option_names)`` maps the
+    command's run-folder config.json to option values (:mod:`fedlatent.configfile`)."""
+    import functools
+
+    from fedlatent.configfile import load_file, option_index, resolve
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, config_file=None, **kwargs):
+            if config_file is not None:
+                ctx = click.get_current_context()
+                data = load_file(config_file)
+                params = {p.name: p for p in option_index(ctx.command).values()}
+                values = from_run(data, params) if from_run is not None else None
+                kwargs = resolve(ctx, data if values is None else values, kwargs, str(config_file))
+            return fn(*args, **kwargs)
+
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                            metavar="FILE", help="Options from a TOML or JSON file (a run folder's config.json "
+                                                 "replays that run); options given here win over the file, the "
+                                                 "file over the preset.")(wrapper)
+
+    return deco
+
+
+__all__ = ["baseline_option", "log_option", "config_option", "parse_key_value", "backend_options", "backend_from_cli", "fl_options", "fl_values", "option_strings",
            "progress_option", "method_option"]

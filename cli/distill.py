@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import click
 
-from fedlatent.cli._options import (backend_from_cli, backend_options, fl_options, fl_values, method_option,
-                                    option_strings, progress_option)
+from fedlatent.cli._options import (backend_from_cli, backend_options, baseline_option, config_option, fl_options,
+                                    fl_values, log_option, method_option, option_strings, progress_option)
+from fedlatent.configfile import distill_options
 from fedlatent.utils import FedLatentError
 
 
 @click.command("distill")
+@config_option(distill_options)
 @click.option("--preset", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
               help="cpu: digits-scale run for a laptop (5 clients, 3 rounds, ConvNet width 16, ipc 2, 20 iterations of "
                    "8 syn_steps); paper: the FedDGM reference schedule for GPUs (10 clients, Dirichlet 0.5, 20 rounds, "
                    "ConvNet-D3 width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5). "
                    "Every option below overrides the preset (`fedlatent methods feddgm` lists what each preset sets).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
+              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
+                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
 @click.option("--image-size", type=click.IntRange(4, 512), default=None,
@@ -51,10 +54,13 @@ from fedlatent.utils import FedLatentError
                    "set (its tiny kernels gain nothing from intra-op threads, and on a busy machine two threads were "
                    "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
                    "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
+@baseline_option
 @progress_option
+@log_option
 @backend_options
 def distill(preset, dataset, data_root, image_size, ipc, iterations, syn_steps, generator, space, surrogate,
-            train_epochs, batched, out, overwrite, resume, checkpoint_every, options, threads, no_progress, **rest):
+            train_epochs, batched, out, overwrite, resume, checkpoint_every, options, threads, baseline, no_progress,
+            log, **rest):
     """Federated learning through server-side latent distillation (FedDGM).
 
     Clients train the global surrogate locally and upload start/end weights; the server distils each client's
@@ -90,20 +96,27 @@ def distill(preset, dataset, data_root, image_size, ipc, iterations, syn_steps, 
     backend = backend_from_cli(**rest)
     try:
         if resume is not None:
-            explicit = [k for k in opts] + (["out"] if out else [])
+            explicit = [k for k in opts] + (["out"] if out else []) + (["baseline"] if baseline else [])
             if explicit:
                 raise FedLatentError("--resume continues a run with its own options; drop "
                                      f"{', '.join(sorted(explicit))}")
             result = distill_federated(resume=resume, progress=not no_progress, checkpoint_every=checkpoint_every,
-                                       backend=backend or "serial")
+                                       backend=backend or "serial", log=log)
         else:
             result = distill_federated(dataset=dataset, data_root=data_root, preset=preset, out=out,
                                        overwrite=overwrite, image_size=image_size, progress=not no_progress,
-                                       checkpoint_every=checkpoint_every, backend=backend or "serial", **opts)
+                                       checkpoint_every=checkpoint_every, backend=backend or "serial", log=log,
+                                       baseline=baseline or "fedavg", **opts)
     finally:
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    from fedlatent.summary import echo_summary
+
+    sim = result.simulation
+    info = {} if result.resumed_from is None else {"resumed after round": result.resumed_from}
+    info.update(result.comparison_info())
+    echo_summary(sim.history, title="feddgm summary", wall_s=sim.wall_s, out_dir=result.out_dir, info=info)
 
 
 COMMANDS = [distill]

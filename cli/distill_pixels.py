@@ -67,6 +67,13 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
         msg += f"; test accuracy {100 * e['mean']:.2f} +- {100 * e['std']:.2f} % ({arch}, {len(e['accs'])} runs)"
     click.echo(f"distilled {m['n_images']} images; " + msg)
     click.echo(f"wrote {out_dir}/distilled.safetensors, grid.png, metrics.json")
+    from fedlatent.summary import echo_summary
+
+    e = m["evaluation"]
+    echo_summary([], title="distill-pixels summary", wall_s=m.get("seconds"), out_dir=out_dir,
+                 files=["distilled.safetensors", "grid.png", "metrics.json"],
+                 info={"images": m["n_images"], "final loss (mean of last 10)": f"{last:.4f}",
+                       **({"test accuracy": f"{e['mean']:.4f} +- {e['std']:.4f} ({len(e['accs'])} runs)"} if e else {})})
 
 
 COMMANDS = [distill_pixels]

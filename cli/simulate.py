@@ -5,18 +5,21 @@ import time
 
 import click
 
-from fedlatent.cli._options import (backend_from_cli, backend_options, fl_options, fl_values, method_option,
-                                    option_strings, progress_option)
+from fedlatent.cli._options import (backend_from_cli, backend_options, config_option, fl_options, fl_values,
+                                    log_option, method_option, option_strings, progress_option)
+from fedlatent.configfile import simulate_options
 from fedlatent.fl.base import FLConfig
 from fedlatent.utils import FedLatentError
 
 
 @click.command("simulate")
+@config_option(simulate_options)
 @click.option("--method", default="fedavg", show_default=True,
               help="Federated method: fedavg, fedprox, feddf, fedmd, dynafed, feddgm, or any other registered method "
                    "(`fedlatent methods` lists them and their options).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
+              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
+                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
 @click.option("--image-size", type=click.IntRange(4, 512), default=None,
@@ -33,8 +36,10 @@ from fedlatent.utils import FedLatentError
               help="Run folder to write. [default: runs/<method>-<dataset>-<time>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into an existing non-empty run folder.")
 @progress_option
+@log_option
 @backend_options
-def simulate(method, dataset, data_root, image_size, mu, transfer, options, out, overwrite, no_progress, **rest) -> None:
+def simulate(method, dataset, data_root, image_size, mu, transfer, options, out, overwrite, no_progress, log,
+             **rest) -> None:
     """Simulate federated training of one method and write a run folder.
 
     The run folder gets config.json, metrics.csv (one row per round; round 0 = initial evaluation),
@@ -71,11 +76,14 @@ def simulate(method, dataset, data_root, image_size, mu, transfer, options, out,
     try:
         result = run(method=method, dataset=dataset, data_root=data_root, image_size=image_size, out=out,
                      overwrite=overwrite, method_options=opts, progress=not no_progress,
-                     run_info={"command": "fedlatent simulate"}, backend=backend or "serial", **fl)
+                     run_info={"command": "fedlatent simulate"}, backend=backend or "serial", log=log, **fl)
     finally:
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    from fedlatent.summary import echo_summary
+
+    echo_summary(result.history, title=f"{result.method} summary", wall_s=result.wall_s, out_dir=result.out_dir)
 
 
 COMMANDS = [simulate]

@@ -304,7 +304,8 @@ def test_cli_distill_export_eval(tiny_run, tmp_path):
             "--surrogate", "convnet:width=8", "--model", "convnet:width=8", "--looped", "-O", "batch_size=64"]
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert r.output.strip().splitlines()[-1].startswith("feddgm: final accuracy")
+    assert any(line.startswith("feddgm: final accuracy") for line in r.output.splitlines())
+    assert "feddgm summary" in r.output and str(tmp_path / "cli" / "distilled.safetensors") in r.output
     assert (tmp_path / "cli" / "distilled.safetensors").is_file()
     r = runner.invoke(main, ["distill", "--out", str(tmp_path / "x"), "--generator", "nope", "--no-progress"])
     assert r.exit_code == 2 and "unknown generator" in r.output
