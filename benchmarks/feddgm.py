@@ -45,10 +45,9 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from _common import run_cli  # noqa: E402
+from _common import _list, default_data_root, subsample, run_cli  # noqa: E402
 from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
 
 

@@ -47,8 +47,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from _common import machine_info, run_cli, write_results  # noqa: E402
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
+from _common import _list, default_data_root, subsample, machine_info, run_cli, write_results  # noqa: E402
 from fedlatent.data import ImageData, load_dataset  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402

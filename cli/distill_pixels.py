@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from fedlatent.cli._options import progress_option
+
 
 @click.command("distill-pixels")
 @click.option("--dataset", default="digits", show_default=True, help="Dataset name (or npz:/folder).")
@@ -33,10 +35,10 @@ import click
 @click.option("--eval-seeds", type=int, default=2, show_default=True, help="Networks trained in the evaluation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@progress_option
 def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_epoch, iterations, num_experts,
                    expert_train_epochs, experts_path, arch, mode, engine, zca, init, batch_syn, lr_img, lr_lr,
-                   lr_teacher, dsa, train_limit, eval_epochs, eval_seeds, seed, out_dir, quiet) -> None:
+                   lr_teacher, dsa, train_limit, eval_epochs, eval_seeds, seed, out_dir, no_progress) -> None:
     """Distil a dataset into IPC images per class by matching expert training trajectories (MTT).
 
     Writes OUT/distilled.safetensors (the distilled-set format: images in the model's input space, labels,
@@ -56,7 +58,7 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
     m = run_pixel_mtt(out_dir, dataset=dataset, data_root=data_root, arch=arch, ipc=ipc, iterations=iterations,
                       config=cfg, num_experts=num_experts, expert_train_epochs=expert_train_epochs,
                       experts_path=experts_path, zca=zca, init=init, train_limit=train_limit, eval_epochs=eval_epochs,
-                      eval_seeds=eval_seeds, progress=not quiet)
+                      eval_seeds=eval_seeds, progress=not no_progress)
     hist = m["loss_history"]
     last = np.mean(hist[-10:]) if hist else float("nan")
     msg = f"mean loss of the last 10 iterations {last:.4f}; lr {m['learned_lr']:.3g}"
@@ -65,6 +67,13 @@ def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_
         msg += f"; test accuracy {100 * e['mean']:.2f} +- {100 * e['std']:.2f} % ({arch}, {len(e['accs'])} runs)"
     click.echo(f"distilled {m['n_images']} images; " + msg)
     click.echo(f"wrote {out_dir}/distilled.safetensors, grid.png, metrics.json")
+    from fedlatent.summary import echo_summary
+
+    e = m["evaluation"]
+    echo_summary([], title="distill-pixels summary", wall_s=m.get("seconds"), out_dir=out_dir,
+                 files=["distilled.safetensors", "grid.png", "metrics.json"],
+                 info={"images": m["n_images"], "final loss (mean of last 10)": f"{last:.4f}",
+                       **({"test accuracy": f"{e['mean']:.4f} +- {e['std']:.4f} ({len(e['accs'])} runs)"} if e else {})})
 
 
 COMMANDS = [distill_pixels]

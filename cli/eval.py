@@ -5,6 +5,8 @@ import json
 
 import click
 
+from fedlatent.cli._options import progress_option
+
 from fedlatent.utils import FedLatentError
 
 
@@ -32,7 +34,7 @@ def _seeds(text: str) -> list[int]:
 @click.option("--no-dsa", is_flag=True, help="Train without differentiable siamese augmentation.")
 @click.option("--max-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
-@click.option("--no-progress", is_flag=True)
+@progress_option
 def eval_cmd(distilled, archs, dataset, data_root, epochs, lr, seeds, batch_size, no_dsa, max_test, json_out,
              no_progress):
     """Train fresh models of each --arch on DISTILLED and report the real test accuracy, mean +- std over --seeds.

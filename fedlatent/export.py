@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .utils import FedLatentError, atomic_write
+from .utils import FedLatentError, save_safetensors
 
 FORMAT = "fedlatent.distilled"
 FORMAT_VERSION = "1"
@@ -119,8 +119,6 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
     ``images`` are in the normalised input space given by ``mean`` / ``std``; with ``uint8=True`` they are stored
     de-normalised and quantised to 0..255 (lossy). Shapes and values are checked first (FedLatentError).
     """
-    from safetensors.torch import save_file
-
     from . import __version__
     from .data import denormalize
 
@@ -180,9 +178,9 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
         "label_kind": label_kind, "generator": generator or "", "generator_sha256": generator_sha256 or "",
         "latent_space": str(latent_space), "ipc": "" if ipc is None else str(int(ipc)),
         "seed": "" if seed is None else str(int(seed)), "fedlatent_version": __version__,
-        "extra": json.dumps(dict(extra or {}), default=str),
+        "extra": json.dumps(dict(extra or {}), default=str, sort_keys=True),
     }
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    save_safetensors(path, tensors, meta)  # canonical header: same content, same bytes
     return path
 
 

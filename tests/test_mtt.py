@@ -422,6 +422,7 @@ def test_cli_distill_pixels(tmp_path):
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert len(m["loss_history"]) == 2 and m["kernel"] == "convnet" and m["evaluation"]["accs"]
     assert (tmp_path / "o" / "grid.png").stat().st_size > 0
+    assert "distill-pixels summary" in r.output and str(tmp_path / "o" / "grid.png") in r.output
     # reuse the experts; asking for more images per class than exist is a one-line error
     r = CliRunner().invoke(main, args + ["--experts", str(tmp_path / "o" / "experts.safetensors"), "--ipc", "50",
                                          "--out", str(tmp_path / "p")])

@@ -78,3 +78,40 @@ def test_old_module_paths_forward_patches_to_the_new_modules(monkeypatch):
     assert new.local_train == "patched"
     monkeypatch.undo()
     assert new.local_train is real and old.FedDGM is new.FedDGM
+
+
+def test_fl_options_are_generated_from_the_config_fields_a_new_field_included():
+    from dataclasses import dataclass
+
+    import click
+
+    from fedlatent.cli._options import _field_comments, fl_options, fl_values
+
+    @dataclass
+    class Cfg:
+        rounds: int = 3               # communication rounds
+        noise: float | None = None    # a new field: Gaussian noise multiplier
+        audit: bool = False           # a new switch
+
+    seen = {}
+
+    @click.command()
+    @fl_options(Cfg(), config_class=Cfg)
+    def cmd(**kw):
+        seen.update(kw)
+
+    assert _field_comments(Cfg)["noise"] == "a new field: Gaussian noise multiplier"
+    r = CliRunner().invoke(cmd, ["--noise", "1.5", "--audit"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"rounds": 3, "noise": 1.5, "audit": True}
+    assert "Gaussian noise multiplier" in CliRunner().invoke(cmd, ["--help"]).output
+    from fedlatent.fl.base import FLConfig
+
+    assert set(FLConfig.__dataclass_fields__) <= set(fl_values(dict.fromkeys(FLConfig.__dataclass_fields__, 1)))
+
+
+def test_dash_o_means_one_thing_in_simulate_and_distill():
+    from fedlatent.fl.methods.feddgm import FedDGM
+
+    cfg, meth = split_options(FedDGM, {"momentum": 0.1, "method.momentum": 0.2, "fl.rounds": 1, "ipc": 2})
+    assert cfg == {"momentum": 0.1, "rounds": 1} and meth == {"momentum": 0.2, "ipc": 2}

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -75,6 +75,22 @@ class DistillResult:
     distilled: Path | None
     report: Path | None
     resumed_from: int | None = None
+    baseline: Any = None  # the baseline's SimulationResult (None: --baseline none)
+    comparison: Any = None  # fedlatent.compare.Comparison of the run against its baseline
+
+    def comparison_info(self) -> dict[str, str]:
+        """The baseline rows of the end-of-run summary (empty without a baseline)."""
+        c = self.comparison
+        if c is None:
+            return {}
+        r = c.rounds_to_baseline_final
+
+        def rounds(k):
+            return "never" if r[k] is None else str(r[k])
+
+        return {f"{c.baseline} final {c.key}": f"{c.baseline_final:.4f}",
+                f"gain over {c.baseline}": f"{100 * c.gain:+.2f} points",
+                f"rounds to {c.baseline}'s final": f"{c.method} {rounds(c.method)}, {c.baseline} {rounds(c.baseline)}"}
 
     @property
     def final_accuracy(self) -> float:
@@ -84,8 +100,10 @@ class DistillResult:
         sim = self.simulation
         res = f", resumed after round {self.resumed_from}" if self.resumed_from is not None else ""
         where = f" -> {self.out_dir}" if self.out_dir else ""
+        vs = (f"; {self.comparison.baseline} {self.comparison.baseline_final:.4f} (gain "
+              f"{100 * self.comparison.gain:+.2f} points)") if self.comparison is not None else ""
         return (f"feddgm: final accuracy {sim.final_accuracy:.4f} (best {sim.best_accuracy:.4f} at round "
-                f"{sim.best_round}), {sim.rounds} rounds, {sim.wall_s:.1f} s{res}{where}")
+                f"{sim.best_round}), {sim.rounds} rounds, {sim.wall_s:.1f} s{res}{vs}{where}")
 
 
 def _split_options(options: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -102,6 +120,7 @@ def private_training_data(data, generator: str | None):
     ``(data, info)`` with ``info`` describing what was excluded (None when nothing was).
     """
     from ..data import ImageData
+    from ..data.hf import PARTITIONS_KEY
     from ..generators.train import private_split_indices
 
     if generator is None:
@@ -115,9 +134,18 @@ def private_training_data(data, generator: str | None):
         log.warning("generator %s was trained on a public split of %s training images; this training set has %d, "
                     "so the split cannot be excluded", generator, ps.get("n_train"), n)
         return data, {"excluded": 0, "reason": "size mismatch"}
-    keep = torch.from_numpy(private_split_indices(n, float(ps["fraction"]), int(ps["seed"])))
+    keep_np = private_split_indices(n, float(ps["fraction"]), int(ps["seed"]))
+    keep = torch.from_numpy(keep_np)
+    extra = dict(data.extra)
+    if extra.get(PARTITIONS_KEY) is not None:  # given partitions index the full set: renumber them, drop the public
+        import numpy as np
+
+        new_index = np.full(n, -1, dtype=np.int64)
+        new_index[np.asarray(keep_np, dtype=np.int64)] = np.arange(len(keep_np))
+        extra[PARTITIONS_KEY] = [new_index[np.asarray(p, dtype=np.int64)][new_index[np.asarray(p, dtype=np.int64)] >= 0]
+                                 for p in extra[PARTITIONS_KEY]]
     out = ImageData(data.name, data.x_train.index_select(0, keep).contiguous(), data.y_train.index_select(0, keep),
-                    data.x_test, data.y_test, list(data.classes), data.mean, data.std, data.source, dict(data.extra))
+                    data.x_test, data.y_test, list(data.classes), data.mean, data.std, data.source, extra)
     return out, {"excluded": n - len(keep), "fraction": ps["fraction"], "seed": ps["seed"], "kept": len(keep)}
 
 
@@ -125,7 +153,7 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
                       out: str | os.PathLike | None = None, overwrite: bool = False, resume: str | os.PathLike | None = None,
                       image_size: int | None = None, progress: bool = True, checkpoint_every: int = 1,
                       data=None, exclude_public: bool = True, backend: Any = "serial", ray_address: str | None = None,
-                      **options: Any):
+                      log: str | Sequence[str] | None = None, baseline: str = "fedavg", **options: Any):
     """Run FedDGM end to end and write a run folder; the API behind ``fedlatent distill``.
 
     ``preset`` ("cpu" | "paper", see :data:`PRESETS`) gives the defaults; ``options`` override them with any
@@ -136,21 +164,28 @@ def distill_federated(dataset: str = "digits", data_root: str | os.PathLike | No
     killed run from its last checkpoint with the options recorded in its config.json (then ``out`` and the
     options must be left out). ``backend`` / ``ray_address``: where the clients and the looped per-client
     distillation run ("serial", "ray" or a :class:`fedlatent.backends.ray.RayBackend`, as in
-    :func:`fedlatent.fl.simulation.simulate`; results are the same). Returns a :class:`DistillResult`.
+    :func:`fedlatent.fl.simulation.simulate`; results are the same). ``log``: trackers besides metrics.csv
+    (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``). ``baseline``: "fedavg" (default) also runs FedAvg
+    through the same engine on the same data, FLConfig (seed: partition, client schedule, initial weights of
+    ``model``) into ``RUN/baseline/`` and compares the two (accuracy.png, report.md, the result's ``comparison``);
+    "none" skips it. A resumed run reruns the baseline (deterministic: same numbers) unless its folder is complete.
+    Returns a :class:`DistillResult`.
     """
+    if baseline not in BASELINES:
+        raise FedLatentError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
     from ..backends import make_backend
 
     runner = make_backend(backend, ray_address)
     try:
         return _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress,
-                                  checkpoint_every, data, exclude_public, runner, options)
+                                  checkpoint_every, data, exclude_public, runner, options, log, baseline)
     finally:
         if runner is not None and runner is not backend:
             runner.close()
 
 
 def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image_size, progress, checkpoint_every,
-                       data, exclude_public, runner, options):
+                       data, exclude_public, runner, options, log=None, baseline="fedavg"):
     """The body of :func:`distill_federated` (``runner``: None or a started-on-demand RayBackend)."""
     from ..data import load_dataset
     from ..fl.checkpoint import has_checkpoint, load_checkpoint, make_checkpoint_fn, resume_state
@@ -173,6 +208,7 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
             raise FedLatentError("--resume takes the options of the original run; give no other options")
         dataset, data_root, preset = saved["dataset"], saved["data_root"], saved["preset"]
         image_size, checkpoint_every = saved["image_size"], saved["checkpoint_every"]
+        baseline = saved.get("baseline", "none")  # runs of earlier versions had none
         cfg_opts, meth_opts = dict(saved["config"]), dict(saved["method_options"])
         out, overwrite = run_dir, True
         if has_checkpoint(run_dir):
@@ -222,22 +258,75 @@ def _distill_federated(dataset, data_root, preset, out, overwrite, resume, image
         _clean_artifacts(Path(out))
     record = {"dataset": dataset, "data_root": None if data_root is None else str(data_root), "preset": preset,
               "image_size": image_size, "checkpoint_every": checkpoint_every, "config": cfg.to_dict(),
-              "method_options": {k: v for k, v in meth_opts.items() if k != "progress"}, "data_check": data_check}
+              "method_options": {k: v for k, v in meth_opts.items() if k != "progress"}, "data_check": data_check,
+              "baseline": baseline}
     run_info = {"distill": record, "generator_public_split": excluded}
     if runner is not None:
         run_info["backend"] = runner.describe()
         runner.attach(strategy)
     ckpt_fn = make_checkpoint_fn(out, every=checkpoint_every) if out is not None else None
-    sim = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=run_info, progress=progress,
-                         checkpoint_fn=ckpt_fn, resume=resume_arg,
-                         client_map=runner.client_map if runner is not None else None)
-    report = distilled = None
+    from contextlib import nullcontext
+
+    from ..tracking import open_trackers
+
+    with open_trackers(out, log, resume_from=resumed_from) if out is not None else nullcontext() as tracker:
+        sim = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=run_info,
+                             progress=progress, checkpoint_fn=ckpt_fn, resume=resume_arg,
+                             client_map=runner.client_map if runner is not None else None, tracker=tracker)
+        base = comparison = None
+        if baseline != "none":
+            base, comparison = run_baseline(baseline, data, cfg, out, sim, progress, runner, resumed_from is not None,
+                                            tracker)
+        report = distilled = None
+        if out is not None:
+            from ..compare import comparison_markdown
+
+            out = Path(out)
+            distilled = out / DISTILLED_FILE if (out / DISTILLED_FILE).is_file() else None
+            report = write_report(out, read_metrics(out / "metrics.csv"), record, sim, strategy, excluded,
+                                  cpu_s=time.process_time() - cpu0,
+                                  comparison=comparison_markdown(comparison) if comparison is not None else None)
+            if tracker:
+                tracker.log_run_folder(out)
+    return DistillResult(sim, Path(out) if out is not None else None, distilled, report, resumed_from, base,
+                         comparison)
+
+
+#: Baselines ``distill_federated`` can run beside FedDGM (``none``: no baseline).
+BASELINES = ("fedavg", "none")
+BASELINE_DIR = "baseline"
+
+
+def run_baseline(name: str, data, cfg: FLConfig, out, sim, progress: bool, runner, resumed: bool, tracker=None):
+    """Run the baseline method through the same engine on ``data`` with ``cfg`` (same seed: same partition,
+    client schedule and initial weights of ``cfg.model``, FedDGM's global model) into ``out/baseline``; returns
+    ``(SimulationResult or a stand-in read from a complete folder, Comparison)``. Draws ``out/accuracy.png`` with
+    both curves. On a resumed run a complete baseline folder (summary.json written) is read, not rerun."""
+    from ..compare import compare, plot_comparison
+    from ..fl.base import get_method
+    from ..fl.run import read_metrics
+    from ..fl.simulation import run_simulation
+
+    folder = Path(out) / BASELINE_DIR if out is not None else None
+    if resumed and folder is not None and (folder / "summary.json").is_file():
+        rows = read_metrics(folder / "metrics.csv")
+        base = None
+    else:
+        strategy = get_method(name)()
+        if runner is not None:
+            runner.attach(strategy)
+        base = run_simulation(strategy, data, cfg, out_dir=folder, overwrite=True, progress=progress,
+                              run_info={"baseline_of": "feddgm"},
+                              client_map=runner.client_map if runner is not None else None)
+        rows = base.history
+    comparison = compare(sim.history, rows, method="feddgm", baseline=name)
+    if tracker:
+        for r in rows:
+            tracker.log_metrics({f"{name}_{k}": r.get(k) for k in ("accuracy", "loss")}, step=int(r["round"]))
     if out is not None:
-        out = Path(out)
-        distilled = out / DISTILLED_FILE if (out / DISTILLED_FILE).is_file() else None
-        report = write_report(out, read_metrics(out / "metrics.csv"), record, sim, strategy, excluded,
-                              cpu_s=time.process_time() - cpu0)
-    return DistillResult(sim, Path(out) if out is not None else None, distilled, report, resumed_from)
+        plot_comparison({"feddgm": sim.history, name: rows}, Path(out) / "accuracy.png", baseline=name,
+                        title=f"feddgm vs {name}: test accuracy")
+    return base, comparison
 
 
 def _clean_artifacts(folder: Path) -> None:
@@ -251,4 +340,5 @@ def _clean_artifacts(folder: Path) -> None:
 
 
 
-__all__ = ["Preset", "PRESETS", "DistillResult", "distill_federated", "private_training_data"]
+__all__ = ["Preset", "PRESETS", "DistillResult", "distill_federated", "private_training_data", "run_baseline",
+           "BASELINES"]

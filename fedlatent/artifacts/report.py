@@ -16,7 +16,8 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim, strategy,
-                 excluded: Mapping[str, Any] | None, cpu_s: float | None = None) -> Path:
+                 excluded: Mapping[str, Any] | None, cpu_s: float | None = None,
+                 comparison: str | None = None) -> Path:
     """report.md: what ran, the accuracy table per round, timings."""
     cfg, meth = record["config"], record["method_options"]
     lines = [
@@ -45,6 +46,8 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
                      f"{_fmt(r.get('distill_loss_first'))} -> {_fmt(r.get('distill_loss'))} | "
                      f"{_fmt(r.get('syn_lr'), '.4g')} | {_fmt(r.get('pool_size'), '.0f')} | "
                      f"{_fmt(r.get('train_loss'))} | {_fmt(r.get('round_s'), '.1f')} |")
+    if comparison:  # the baseline section (fedlatent.compare.comparison_markdown)
+        lines += ["", comparison.rstrip("\n")]
     tot = {k: sum(float(r.get(k) or 0.0) for r in rows) for k in ("round_s", "distill_s", "server_train_s")}
     other = tot["round_s"] - tot["distill_s"] - tot["server_train_s"]
     lines += ["", "## Timings", "",
@@ -55,7 +58,10 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
               "", "## Files", "",
               "- `metrics.csv`, `accuracy.png`, `grid_round{r}.png` (distilled images per class), "
               f"`{DISTILLED_FILE}` (load with `fedlatent.load_distilled`), `checkpoints/` (resume with "
-              "`fedlatent distill --resume DIR`)", ""]
+              "`fedlatent distill --resume DIR`)"]
+    if comparison:
+        lines.append("- `baseline/`: the baseline's own run folder (metrics.csv, accuracy.png, config.json)")
+    lines.append("")
     path = folder / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))
     return path

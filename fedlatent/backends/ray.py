@@ -445,9 +445,9 @@ class RayBackend:
 
     def attach(self, strategy: Any) -> Any:
         """Let a strategy with independent per-client server work use this backend for it (FedDGM's looped
-        per-client distillation: ``strategy.distill_map``); returns the strategy."""
-        if hasattr(strategy, "distill_map"):
-            strategy.distill_map = self.client_map
+        per-client distillation) through :meth:`~fedlatent.fl.base.Strategy.attach_runner`; returns the strategy."""
+        if callable(getattr(strategy, "attach_runner", None)):
+            strategy.attach_runner(self.client_map)
         return strategy
 
 

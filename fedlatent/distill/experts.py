@@ -16,7 +16,7 @@ from ..models import get_model
 from ..models.functional import FlatModel
 from ..errors import DivergedError, FedLatentError
 from ..train import fit
-from ..utils import atomic_write, derive_seed, torch_generator
+from ..utils import derive_seed, save_safetensors, torch_generator
 from .augment import DSA
 
 
@@ -69,11 +69,9 @@ def train_experts(model_name: str, data: ImageData, num_experts: int, epochs: in
 
 def save_experts(path: str | Path, trajectories: list[torch.Tensor], meta: dict | None = None) -> None:
     """Save trajectories (list of [T, P] tensors) as safetensors with JSON metadata."""
-    from safetensors.torch import save_file
-
     tensors = {f"expert_{i:04d}": t.detach().contiguous().cpu() for i, t in enumerate(trajectories)}
     md = {"format": "fedlatent-experts-v1", "meta": json.dumps(meta or {})}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=md))
+    save_safetensors(path, tensors, md)
 
 
 def load_experts(path: str | Path) -> tuple[list[torch.Tensor], dict]:

@@ -212,6 +212,10 @@ class Strategy:
         cfg = getattr(self, "config", None)
         return asdict(cfg) if cfg is not None and self.config_class is not None else {}
 
+    def attach_runner(self, client_map: Callable[[Callable, Any], list]) -> None:
+        """A parallel backend offers its ``client_map(fn, jobs)`` for independent per-client work on the server
+        (FedDGM runs its per-client distillation through it); the default does not use it."""
+
     def setup(self, ctx: FLContext) -> None:
         """Called once before round 1: build server state (e.g. the initial global model)."""
         self.ctx = ctx

@@ -1,4 +1,5 @@
 """Old path of :mod:`fedlatent.fl.methods.dynafed` (kept for one release)."""
 from .._compat import alias_module
 
-alias_module(__name__, ["fedlatent.fl.methods.dynafed", "fedlatent.distill.samplers", "fedlatent.artifacts.grids"])
+alias_module(__name__, ["fedlatent.fl.methods.dynafed", "fedlatent.distill.global_trajectory", "fedlatent.distill.samplers",
+                        "fedlatent.artifacts.pseudo", "fedlatent.artifacts.grids"])

@@ -97,6 +97,7 @@ class RunState:
     failures: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0, "rejected": 0})
     last_plot: float = -math.inf
+    tracker: Any = None  # fedlatent.tracking.open_trackers: every recorded row goes there too
 
     # -- a round ---------------------------------------------------------------------------------------
     def aggregate_round(self, rnd: int, selected: Sequence[int], ids: Sequence[int], uploads: list,
@@ -161,6 +162,8 @@ class RunState:
         """Append ``row`` to the history and the run folder's metrics.csv; redraw accuracy.png at most every
         :data:`PLOT_INTERVAL_S` seconds, and at the end."""
         self.history.append(row)
+        if self.tracker is not None:
+            self.tracker.log_metrics(row, step=int(row["round"]))
         if self.run is not None:
             plot = row.get("accuracy") is not None and (final or time.perf_counter() - self.last_plot >= PLOT_INTERVAL_S)
             self.run.log_round(row, label=self.strategy.name, plot=plot)

@@ -51,17 +51,25 @@ def make_config(cls: type, config: Any = None, options: Mapping[str, Any] | None
     return cls(**{**base, **dict(options or {})})
 
 
-def split_options(method: Any, options: Mapping[str, Any], what: str = "option", where: str = "") -> tuple[dict, dict]:
-    """``(FLConfig fields, method options)`` of a mixed option dict; an unknown key is a one-line FedLatentError."""
+def split_options(method: Any, options: Mapping[str, Any], what: str = "option", where: str = "",
+                  lenient: bool = False) -> tuple[dict, dict]:
+    """``(FLConfig fields, method options)`` of a mixed option dict, the one rule of every command and API:
+    a key is an FLConfig field if it names one, else a method option; ``fl.KEY`` / ``method.KEY`` say which
+    (FedDGM's ``momentum`` is both: ``method.momentum`` is the latent optimiser's). An unknown key is a one-line
+    FedLatentError, or - ``lenient`` - left to the method (whose constructor rejects it)."""
     from .base import FLConfig
 
     fl_fields = set(FLConfig.__dataclass_fields__)
     meth_fields = option_names(method)
     cfg, meth = {}, {}
     for k, v in options.items():
-        if k in fl_fields:
+        if k.startswith("fl.") and k[3:] in fl_fields:
+            cfg[k[3:]] = v
+        elif k.startswith("method."):
+            meth[k[len("method."):]] = v
+        elif k in fl_fields:
             cfg[k] = v
-        elif k in meth_fields:
+        elif k in meth_fields or lenient:
             meth[k] = v
         else:
             raise FedLatentError(f"unknown {what} {k!r}{where}; valid: "

@@ -20,7 +20,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import ImageData, load_dataset
+from ..data.hf import given_partitions
 from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
 from ..backends import make_backend
@@ -136,7 +137,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                    overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
                    progress: bool = True, client_map: ClientMap | None = None,
                    checkpoint_fn: Callable[[int, Strategy, dict[str, Any]], None] | None = None,
-                   resume: Mapping[str, Any] | None = None) -> SimulationResult:
+                   resume: Mapping[str, Any] | None = None, tracker: Any = None) -> SimulationResult:
     """Run ``config.rounds`` federated rounds of ``strategy`` on ``data``.
 
     With ``out_dir`` the run folder (:mod:`fedlatent.fl.run`) is written as the run goes; an existing
@@ -153,6 +154,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     called after every recorded round (``engine_state``: history, rejections, totals, wall_s, final);
     ``resume`` (``{"round", "strategy", "history", "rejections", "totals", "wall_s"}``) restores the strategy
     state after ``setup`` and continues with round ``resume["round"] + 1`` (pass ``overwrite=True``).
+    ``tracker`` (:func:`fedlatent.tracking.open_trackers`) gets config.json as params and every metrics row.
     """
     t_start = time.perf_counter()
     cfg = config.check()
@@ -165,7 +167,11 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         raise FedLatentError(f"method {strategy.name!r} needs one architecture for all clients; "
                              "--client-models is for heterogeneous methods such as feddf and fedmd (use --model)")
     labels = data.y_train.cpu().numpy()
-    public_idx, private_idx, parts = split_clients(labels, cfg)
+    given = given_partitions(data, cfg.clients)  # a Flower Datasets partitioner's partitions (fedlatent.data.hf)
+    if given is not None and cfg.public_fraction > 0:
+        raise FedLatentError("public_fraction cannot be combined with partitions given by the data")
+    public_idx, private_idx, parts = split_clients(labels, cfg) if given is None else \
+        (np.zeros(0, dtype=np.int64), np.arange(len(labels)), given)
     counts = label_counts(labels, parts, data.num_classes)
     schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
 
@@ -199,8 +205,12 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         if len(public_idx):
             info["public_split"] = {"fraction": cfg.public_fraction, "public": int(len(public_idx)),
                                     "private": int(len(private_idx))}
+        if given is not None:
+            info["partition_given"] = data.extra.get("partitioner", "by the data")
         info.update(run_info or {})
         run.write_config(info)
+        if tracker is not None:
+            tracker.log_params(info)
         save_partition_report(run.path, counts, list(data.classes))
 
     strategy.setup(ctx)
@@ -219,7 +229,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 raise FedLatentError(f"client_init of client {cid} failed ({state.attempts} attempt(s)): {state.error}")
             if state is not None:
                 strategy.keep_client_state(cid, state)
-    state = RunState(strategy, cfg, ctx, run, t_start)
+    state = RunState(strategy, cfg, ctx, run, t_start, tracker=tracker)
     start_round = 1
     if resume is not None:  # continue a checkpointed run (fedlatent.fl.checkpoint)
         strategy.load_state_dict(resume["strategy"])
@@ -288,7 +298,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              method_options: Mapping[str, Any] | None = None, progress: bool = True,
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
              client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
-             **config: Any) -> SimulationResult:
+             log: str | Sequence[str] | None = None, **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
@@ -297,6 +307,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     ``client_map`` to run clients elsewhere (see :func:`run_simulation`). ``backend``: "serial" (in this
     process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
     stopped for this run) or a :class:`fedlatent.backends.ray.RayBackend` (its settings; the caller closes it).
+    ``log``: trackers besides metrics.csv (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``; needs ``out``).
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -305,6 +316,9 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     cfg = FLConfig(**config).check()
     if out is not None:
         RunFolder.check(out, overwrite)
+    from ..tracking import open_trackers
+
+    tracker = open_trackers(out, log) if out is not None else None
     runner = make_backend(backend, ray_address)
     if runner is not None and client_map is not None:
         raise FedLatentError("pass either client_map or backend, not both")
@@ -317,15 +331,24 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
         if image_size is None and dataset == "digits":
             image_size = 16
         data = load_dataset(dataset, root=data_root, resize=image_size)
-    info = {"dataset_name": dataset, "image_size_requested": image_size}
+    info = {"dataset_name": dataset, "image_size_requested": image_size,
+            "data_root": None if data_root is None else str(data_root)}
     if runner is not None:
         info["backend"] = runner.describe()
         runner.attach(strategy)
     info.update(run_info or {})
+    status = "FAILED"
     try:
-        return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
-                              progress=progress, client_map=runner.client_map if runner is not None else client_map)
+        result = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
+                                progress=progress, client_map=runner.client_map if runner is not None else client_map,
+                                tracker=tracker)
+        if tracker:
+            tracker.log_run_folder(result.out_dir)
+        status = "FINISHED"
+        return result
     finally:
+        if tracker is not None:
+            tracker.close(status)
         if runner is not None and runner is not backend:
             runner.close()
 

@@ -33,100 +33,31 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ...artifacts import DISTILLED_FILE, GRID_PATTERN
 from ...artifacts.grids import save_class_grid
 from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
-from ...distill.batched import ClientRun, distill_clients
+from ...distill.batched import distill_clients
 from ...distill.distiller import DistillConfig, Distiller
-from ...train import fit_on_set
+from ...distill.pool import DistilledSet, Pool, harvest, map_distillation, pool_round, round_record
 from ...errors import FedLatentError
 from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
 from ...models.functional import FlatModel
+from ...train import fit_on_set
 from ...utils import derive_seed, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import client_model, local_train
 from ..options import check_int, check_number, make_config
 
 log = logging.getLogger("fedlatent.fl.feddgm")
-
-
-@dataclass
-class DistilledSet:
-    """One client's distilled set as the server pools it (rendered images on the CPU, float32) - also what a
-    parallel worker returns for :meth:`FedDGM.distill_client`. ``images`` is None when the work failed."""
-
-    run: ClientRun
-    images: torch.Tensor | None
-    labels: torch.Tensor | None
-    ws: torch.Tensor | None = None
-    f_k: torch.Tensor | None = None
-
-
-def harvest(d: Distiller, run: ClientRun, pixel: bool) -> DistilledSet:
-    """Render a finished distiller's set (and, in a latent space, keep its w+ codes and f_k features)."""
-    syn = d.synthetic
-    x = syn.render().detach().float()
-    ws = f_k = None
-    if not pixel:
-        fw = syn.full_ws()
-        ws = None if fw is None else fw.detach().float().cpu()
-        f_k = None if syn.f is None else syn.f.detach().float().cpu()
-    return DistilledSet(run, x.cpu(), d.labels.detach().long().cpu(), ws, f_k)
-
-
-
-def train_on_pool(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
-                  momentum: float, weight_decay: float, batch_size: int, augment: Callable | None,
-                  generator: torch.Generator) -> float:
-    """Continue training ``model`` on the pooled distilled set: ``epochs`` shuffled passes of SGD with
-    cross-entropy on DSA-augmented minibatches (reference ``epoch_global``). Returns the mean minibatch loss."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return fit_on_set(model, images, labels, opt, epochs=epochs, batch_size=batch_size, augment=augment,
-                      generator=generator)
-
-
-@dataclass
-class Pool:
-    """The pooled distilled set (server side) with provenance."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    clients: torch.Tensor
-    rounds: torch.Tensor
-    ws: torch.Tensor | None = None
-    f_k: torch.Tensor | None = None
-
-    def state(self) -> dict:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-    @classmethod
-    def from_state(cls, st: Mapping[str, Any] | None) -> "Pool | None":
-        return None if not st else cls(**{k: v.clone() for k, v in st.items()})
-
-    @staticmethod
-    def cat(pools: Sequence["Pool"]) -> "Pool":
-        def c(name):
-            ts = [getattr(p, name) for p in pools]
-            return None if any(t is None for t in ts) else torch.cat(ts)
-
-        return Pool(c("images"), c("labels"), c("clients"), c("rounds"), c("ws"), c("f_k"))
-
-
-def _finite_mean(values: Sequence[float]) -> float:
-    """Mean of the finite values (NaN when there is none)."""
-    v = [x for x in values if math.isfinite(x)]
-    return float(np.mean(v)) if v else math.nan
 
 
 @dataclass
@@ -400,77 +331,50 @@ class FedDGM(Strategy):
         if not good:
             log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
             return extra
+        ids = [u.client_id for u in good]
+        # server distillation, one set per client: looped here, batched (distill.batched), or a parallel runner
         t0 = time.perf_counter()
         use_batch = self._use_batched() and self.mtt_mode == "exact"
         if self.distill_map is not None and not use_batch:
-            sets, bsz = self._distill_mapped(rnd, good), 1
+            sets, bsz = map_distillation(self.distill_map, self.distill_client, rnd, ids, good), 1
             t_distill = time.perf_counter() - t0
         else:
             distillers = self.make_distillers(rnd, good)
-            runs, bsz = distill_clients(distillers, [u.client_id for u in good], self.iterations, batched=use_batch,
-                                        max_batch=self.max_batch, device=ctx.device, progress=self.progress,
-                                        desc=f"feddgm round {rnd}")
+            runs, bsz = distill_clients(distillers, ids, self.iterations, batched=use_batch, max_batch=self.max_batch,
+                                        device=ctx.device, progress=self.progress, desc=f"feddgm round {rnd}")
             t_distill = time.perf_counter() - t0
             sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
-        runs = [st.run for st in sets]
-        parts = []
-        dropped: set[int] = set()
-        for u, st in zip(good, sets):
-            if st.images is None:
-                log.warning("round %d: the distillation of client %d failed (%s); its set is dropped",
-                            rnd, u.client_id, st.run.failure)
-                dropped.add(u.client_id)
-                continue
-            if not torch.isfinite(st.images).all():
-                log.warning("round %d: client %d's distilled images are not finite (%s); its set is dropped",
-                            rnd, u.client_id, st.run.failure)
-                dropped.add(u.client_id)
-                continue
-            n = st.images.shape[0]
-            parts.append(Pool(st.images, st.labels, torch.full((n,), u.client_id, dtype=torch.long),
-                              torch.full((n,), rnd, dtype=torch.long), st.ws, st.f_k))
+        this_round, dropped = pool_round(sets, ids, rnd)
         extra["distill_dropped"] = float(len(dropped))
-        if not parts:
-            lost = sum(st.images is None for st in sets)
-            log.warning("round %d: no usable distilled set (%d diverged%s); the global state is unchanged", rnd,
-                        len(sets) - lost, f", {lost} failed" if lost else "")
+        if this_round is None:
             return extra
-        this_round = Pool.cat(parts)
         self.pool = this_round if self.pool_mode == "round" or self.pool is None else Pool.cat([self.pool, this_round])
-        # server training on the pool
+        # server training on the pool (reference epoch_global): the global model, and the surrogate if it is another
         t1 = time.perf_counter()
         aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
         targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
         train_loss = {}
         for name, m in targets:
-            train_loss[name] = train_on_pool(
-                m, self.pool.images, self.pool.labels, epochs=self.train_epochs, lr=self.train_lr,
-                momentum=self.train_momentum, weight_decay=self.train_weight_decay, batch_size=self.train_batch,
-                augment=aug, generator=torch_generator(ctx.config.seed, "feddgm", "train", rnd, name))
+            opt = torch.optim.SGD(m.parameters(), lr=self.train_lr, momentum=self.train_momentum,
+                                  weight_decay=self.train_weight_decay)
+            train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
+                                          batch_size=self.train_batch, augment=aug,
+                                          generator=torch_generator(ctx.config.seed, "feddgm", "train", rnd, name))
         t_train = time.perf_counter() - t1
-        final_losses = [r.losses[-1] for r in runs if r.losses]
-        first_losses = [r.losses[0] for r in runs if r.losses]
-        failures = [r for r in runs if r.failure]
-        for r in failures:
-            if r.client_id not in dropped:  # a dropped set was logged above
-                log.warning("round %d: distillation of client %d stopped at %s; its last good set is used",
-                            rnd, r.client_id, r.failure)
-        entry = {"round": rnd, "clients": [r.client_id for r in runs], "loss_first": first_losses,
-                 "loss_last": final_losses, "lr": [r.lr if math.isfinite(r.lr) else None for r in runs],
-                 "failures": [r.failure for r in runs], "batch": bsz}
+        entry, metrics = round_record([st.run for st in sets], rnd, bsz, dropped)
         self.round_log.append(entry)
-        extra.update({
-            "distill_loss": float(np.mean(final_losses)) if final_losses else math.nan,
-            "distill_loss_first": float(np.mean(first_losses)) if first_losses else math.nan,
-            "syn_lr": _finite_mean([r.lr for r in runs]), "distill_failed": float(len(failures)),
-            "pool_size": float(len(self.pool.images)), "server_train_loss": train_loss["global"],
-            "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz),
-        })
+        extra.update(metrics)
+        extra.update({"pool_size": float(len(self.pool.images)), "server_train_loss": train_loss["global"],
+                      "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz)})
         if "surrogate" in train_loss:
             extra["surrogate_train_loss"] = train_loss["surrogate"]
         if self.save_artifacts and getattr(ctx, "run_dir", None):
             self.save_round(ctx.run_dir, rnd)
         return extra
+
+    def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:
+        """Run the looped per-client distillation through a parallel backend's ``client_map``."""
+        self.distill_map = client_map
 
     def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
         """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
@@ -481,25 +385,6 @@ class FedDGM(Strategy):
         d = self.make_distillers(rnd, [upload])[0]
         runs, _ = distill_clients([d], [upload.client_id], self.iterations, batched=False, progress=False)
         return harvest(d, runs[0], self._pixel)
-
-    def _distill_mapped(self, rnd: int, good: Sequence[Upload]) -> list[DistilledSet]:
-        """Every client's :meth:`distill_client` through :attr:`distill_map`; a job the runner reports as failed
-        (a :class:`fedlatent.fl.simulation.ClientFailure`) becomes a set without images (dropped and logged by
-        :meth:`aggregate`). When every job failed - errors, not diverged sets - FedLatentError is raised with
-        the first error (going on would repeat rounds that change nothing)."""
-        out, errors = [], []
-        for u, res in zip(good, self.distill_map(self.distill_client, [(rnd, u) for u in good])):
-            if isinstance(res, DistilledSet):
-                out.append(res)
-            else:
-                err = getattr(res, "error", None) or repr(res)
-                errors.append((u.client_id, err))
-                out.append(DistilledSet(ClientRun(u.client_id, failure=f"job failed: {err}"), None, None))
-        if errors and len(errors) == len(good):
-            cid, err = errors[0]
-            raise FedLatentError(f"round {rnd}: every distillation job failed ({len(errors)} of {len(good)}); "
-                                 f"first error (client {cid}): {err}")
-        return out
 
     def worker_view(self) -> "FedDGM":
         """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
@@ -572,4 +457,4 @@ class FedDGM(Strategy):
         self._sent = None
 
 
-__all__ = ["FedDGM", "FedDGMConfig", "Pool", "DistilledSet", "harvest", "train_on_pool"]
+__all__ = ["FedDGM", "FedDGMConfig", "Pool", "DistilledSet", "harvest"]
