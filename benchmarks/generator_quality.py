@@ -7,7 +7,7 @@ the generator's training time (from its manifest entry / checkpoint metadata) an
 class). Writes a JSON report.
 
     OMP_NUM_THREADS=1 python benchmarks/generator_quality.py --datasets digits,mnist,fashion-mnist,cifar10 \
-        --data-root /work/shared/data --psi 1.0,0.7 --classifier-steps 800 \
+        --data-root ../shared/data --psi 1.0,0.7 --classifier-steps 800 \
         --out benchmarks/results/generator_quality.json
 
 Targets: MNIST / Fashion-MNIST >= 85 %, CIFAR-10 >= 50 % (report). Smoke test: ``--datasets digits
