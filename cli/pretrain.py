@@ -207,6 +207,11 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
             entry["quality"] = {k: v for k, v in res.curve[-1].items() if k not in ("eval_seconds",)}
         write_manifest_entry(name or out.stem, entry, mpath)
         click.echo(f"manifest entry {name or out.stem!r} -> {mpath}")
+    from fedlatent.summary import echo_summary
+
+    echo_summary([], title="pretrain summary", wall_s=res.seconds, out_dir=out.parent,
+                 files=[out] + ([] if no_manifest else [mpath]),
+                 info={"steps": res.steps_done, "parameters": res.generator.num_parameters()})
 
 
 COMMANDS = [pretrain]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..utils import FedLatentError, atomic_write
+from ..utils import FedLatentError, save_safetensors
 from .base import LayeredGenerator
 
 CHECKPOINT_FORMAT = "fedlatent-builtin-style-generator"
@@ -286,8 +286,6 @@ def as_generator(G: BuiltinStyleGenerator, name: str = "") -> LayeredGenerator:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 def save_builtin(G: BuiltinStyleGenerator, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write ``G`` (float32 weights + buffers) as safetensors; config and ``info`` go to the JSON metadata."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in G.state_dict().items()}
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -295,7 +293,7 @@ def save_builtin(G: BuiltinStyleGenerator, path: str | os.PathLike, info: dict |
         "config": json.dumps(asdict(G.cfg), sort_keys=True),
         "info": json.dumps(info or {}, sort_keys=True),
     }
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    save_safetensors(path, tensors, meta)
 
 
 def read_builtin_metadata(path: str | os.PathLike) -> dict:
