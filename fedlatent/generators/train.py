@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from ..data import ImageData
-from ..utils import FedLatentError, atomic_write, derive_seed, numpy_rng, sha256_file, torch_generator
+from ..utils import FedLatentError, derive_seed, numpy_rng, sha256_file, torch_generator
 from .builtin import BuiltinConfig, BuiltinStyleGenerator, save_builtin
+from .discriminator import MinibatchStd, ProjectionDiscriminator, diff_augment
+from .train_state import _load_opt, read_train_state, save_train_state, state_path_for
 
 
 # --- public split --------------------------------------------------------------------------------------------
@@ -84,109 +85,6 @@ def parse_public_split(spec: str | float, n: int) -> tuple[float, int]:
     return v, seed
 
 
-# --- discriminator -------------------------------------------------------------------------------------------
-class MinibatchStd(nn.Module):
-    """Minibatch standard deviation (Karras et al. 2018, ProGAN sec. 3): one extra feature map holding the mean,
-    over features and positions, of the standard deviation across a group of ``group`` samples.
-
-    Samples ``n`` and ``n + N / group`` share a group. A discriminator that sees this statistic can tell a batch
-    of near-identical fakes from a diverse real batch, which pushes the generator away from mode collapse.
-    """
-
-    def __init__(self, group: int = 4):
-        super().__init__()
-        self.group = int(group)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        g = min(self.group, n)
-        while n % g:
-            g -= 1
-        y = x.reshape(g, n // g, c, h, w)
-        y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # [N/g, C, H, W]: std across the group
-        y = y.mean(dim=(1, 2, 3)).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)
-        return torch.cat([x, y], dim=1)
-
-
-class ProjectionDiscriminator(nn.Module):
-    """Spectral-normalised conv discriminator with a projection head and an auxiliary classifier head.
-
-    ``mbstd_group > 0`` adds a :class:`MinibatchStd` feature map and one more conv before the heads.
-    """
-
-    def __init__(self, img_channels: int, resolution: int, c_dim: int, base_channels: int = 32,
-                 max_channels: int = 128, mbstd_group: int = 0):
-        super().__init__()
-        final = _start_size(resolution)
-        ch = base_channels
-        layers: list[nn.Module] = [spectral_norm(nn.Conv2d(img_channels, ch, 3, padding=1)), nn.LeakyReLU(0.2),
-                                   spectral_norm(nn.Conv2d(ch, ch, 3, padding=1)), nn.LeakyReLU(0.2)]
-        res = resolution
-        while res > final:  # downsample first, then widen: keeps the cost of the full-resolution convs low
-            out = min(max_channels, ch * 2)
-            layers += [nn.AvgPool2d(2), spectral_norm(nn.Conv2d(ch, out, 3, padding=1)), nn.LeakyReLU(0.2),
-                       spectral_norm(nn.Conv2d(out, out, 3, padding=1)), nn.LeakyReLU(0.2)]
-            ch, res = out, res // 2
-        if mbstd_group > 0:
-            layers += [MinibatchStd(mbstd_group), spectral_norm(nn.Conv2d(ch + 1, ch, 3, padding=1)),
-                       nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)
-        self.psi = spectral_norm(nn.Linear(ch, 1))
-        self.embed = spectral_norm(nn.Embedding(max(c_dim, 1), ch))
-        self.cls = nn.Linear(ch, max(c_dim, 1))
-        self.c_dim = c_dim
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x).sum(dim=(2, 3))
-        out = self.psi(h).squeeze(1)
-        if self.c_dim > 0:
-            out = out + (self.embed(y) * h).sum(1)
-        return out, self.cls(h)
-
-
-def _start_size(resolution: int) -> int:
-    from .builtin import layout
-
-    return layout(resolution)[0]
-
-
-# --- DiffAugment-style differentiable augmentation -----------------------------------------------------------
-def diff_augment(x: torch.Tensor, policy: tuple[str, ...], g: torch.Generator) -> torch.Tensor:
-    """Random colour / translation / cutout, differentiable in ``x`` (images in [-1, 1])."""
-    n, c, h, w = x.shape
-    dev, dt = x.device, x.dtype
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g).to(dev, dt)
-
-    for p in policy:
-        if p == "color":
-            x = x + (rand(n, 1, 1, 1) - 0.5)
-            if c > 1:
-                m = x.mean(dim=1, keepdim=True)
-                x = (x - m) * (rand(n, 1, 1, 1) * 2) + m
-            m = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - m) * (rand(n, 1, 1, 1) + 0.5) + m
-        elif p == "translation":
-            sh, sw = max(1, int(h * 0.125 + 0.5)), max(1, int(w * 0.125 + 0.5))
-            ty = torch.randint(-sh, sh + 1, (n, 1, 1), generator=g).to(dev)
-            tx = torch.randint(-sw, sw + 1, (n, 1, 1), generator=g).to(dev)
-            rows = (torch.arange(h, device=dev).view(1, h, 1) + ty + sh)
-            cols = (torch.arange(w, device=dev).view(1, 1, w) + tx + sw)
-            xp = F.pad(x, (sw, sw, sh, sh))
-            bidx = torch.arange(n, device=dev).view(n, 1, 1)
-            x = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
-        elif p == "cutout":
-            ch_, cw_ = max(1, int(h * 0.5 + 0.5)), max(1, int(w * 0.5 + 0.5))
-            cy = torch.randint(0, h + (1 - ch_ % 2), (n, 1, 1), generator=g).to(dev)
-            cx = torch.randint(0, w + (1 - cw_ % 2), (n, 1, 1), generator=g).to(dev)
-            yy = torch.arange(h, device=dev).view(1, h, 1) - (cy - ch_ // 2)
-            xx = torch.arange(w, device=dev).view(1, 1, w) - (cx - cw_ // 2)
-            inside = (yy >= 0) & (yy < ch_) & (xx >= 0) & (xx < cw_)
-            x = x * (~inside).unsqueeze(1).to(dt)
-        elif p:
-            raise FedLatentError(f"unknown augmentation {p!r}; use color, translation, cutout")
-    return x
 
 
 # --- training ------------------------------------------------------------------------------------------------
@@ -240,88 +138,6 @@ def _ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
             pe.lerp_(pm, 1.0 - beta)
         for be, bm in zip(ema.buffers(), model.buffers()):
             be.copy_(bm)
-
-
-# --- resumable training state (safetensors + JSON metadata; never pickle) -----------------------------------
-STATE_FORMAT = "fedlatent-pretrain-state"
-STATE_VERSION = "1"
-
-
-def _opt_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{prefix}.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-    return out
-
-
-def _load_opt(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
-def save_train_state(path: str | os.PathLike, *, G: nn.Module, G_ema: nn.Module, D: nn.Module,
-                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, rngs: dict[str, torch.Generator],
-                     step: int, seconds: float, gen_cfg: BuiltinConfig, cfg: TrainConfig, info: dict, history: list,
-                     curve: list, cpu_seconds: float = 0.0) -> None:
-    """Everything needed to continue a run bit-for-bit: weights of G, G_ema and D, both Adam states, every RNG
-    state (the data / latent / augmentation streams and torch's global one), the step and the training time."""
-    from safetensors.torch import save_file
-
-    t: dict[str, torch.Tensor] = {}
-    for pre, mod in (("G", G), ("G_ema", G_ema), ("D", D)):
-        t.update({f"{pre}.{k}": v.detach().cpu().contiguous().clone() for k, v in mod.state_dict().items()})
-    t.update(_opt_tensors("opt_g", opt_g))
-    t.update(_opt_tensors("opt_d", opt_d))
-    for k, g in rngs.items():
-        t[f"rng.{k}"] = g.get_state().clone()
-    t["rng.torch_global"] = torch.get_rng_state().clone()
-    meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": str(int(step)), "seconds": repr(float(seconds)),
-            "cpu_seconds": repr(float(cpu_seconds)),
-            "gen_config": json.dumps(asdict(gen_cfg), sort_keys=True),
-            "train_config": json.dumps(asdict(cfg), sort_keys=True),
-            "info": json.dumps(info, sort_keys=True), "history": json.dumps(history), "curve": json.dumps(curve)}
-    atomic_write(path, lambda p: save_file(t, p, metadata=meta))
-
-
-def read_train_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata with JSON fields decoded, tensors) of a training state written by :func:`save_train_state`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FedLatentError(f"training checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise FedLatentError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise FedLatentError(f"{path}: not a fedlatent pretrain training checkpoint (format={meta.get('format')!r}); "
-                             "--resume takes the *.train.safetensors file, not the exported generator")
-    try:
-        for k in ("gen_config", "train_config", "info", "history", "curve"):
-            meta[k] = json.loads(meta[k])
-        meta["step"], meta["seconds"] = int(meta["step"]), float(meta["seconds"])
-        meta["cpu_seconds"] = float(meta.get("cpu_seconds", "nan"))
-    except (KeyError, ValueError) as e:
-        raise FedLatentError(f"{path}: damaged training-checkpoint metadata ({type(e).__name__}: {e})") from None
-    return meta, tensors
-
-
-def state_path_for(out: str | os.PathLike) -> Path:
-    """Default training-state path next to an exported generator: ``x.safetensors`` -> ``x.train.safetensors``."""
-    out = Path(out)
-    return out.with_name(out.name[: -len(".safetensors")] + ".train.safetensors" if out.name.endswith(".safetensors")
-                         else out.name + ".train.safetensors")
 
 
 class _BalancedSampler:
