@@ -1,16 +1,53 @@
-"""Shared scaffolding of the benchmark scripts: machine description, results JSON, CLI exit codes."""
+"""Shared scaffolding of the benchmark scripts: argparse list types, the data root, seeded subsets, machine
+description, results JSON, comparison plots and CLI exit codes. The scripts import from here, never from each
+other."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from fedlatent.fl.run import write_json
-from fedlatent.utils import FedLatentError
+ROOT = Path(__file__).resolve().parents[1]
+
+from fedlatent.data import ImageData  # noqa: E402
+from fedlatent.fl.run import write_json  # noqa: E402
+from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
+    return parse
+
+
+def default_data_root() -> str:
+    return os.environ.get("FEDLATENT_DATA") or str((ROOT / ".." / "shared" / "data").resolve())
+
+
+def subsample(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
+    """A seeded random subset of the train / test sets (None or 0: keep everything)."""
+    def pick(n_total: int, n: int | None, key: str) -> torch.Tensor | None:
+        if not n or n >= n_total:
+            return None
+        return torch.from_numpy(np.sort(numpy_rng(seed, "subsample", data.name, key).choice(n_total, n, replace=False)))
+
+    tr, te = pick(len(data.y_train), n_train, "train"), pick(len(data.y_test), n_test, "test")
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train if tr is None else data.x_train[tr], y_train=data.y_train if tr is None else data.y_train[tr],
+        x_test=data.x_test if te is None else data.x_test[te], y_test=data.y_test if te is None else data.y_test[te],
+    )
 
 
 def machine_info() -> dict:
@@ -53,3 +90,95 @@ def plot_comparison(out: Path, results: list[dict], keys: tuple[str, ...]) -> li
         plot_curves(curves, path, title=", ".join(f"{k}={v}" for k, v in zip(keys, key)))
         paths.append(path)
     return paths
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type of ``-O KEY=VALUE`` (the command line's one parser: JSON values, dashes as underscores)."""
+    from fedlatent.cli._options import parse_key_value
+
+    try:
+        return parse_key_value(text, "-O")
+    except FedLatentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def num(v, spec: str = ".2f", scale: float = 1.0) -> str:
+    """``format(scale * v, spec)``, or "-" for a missing value."""
+    return "-" if v is None else format(scale * v, spec)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns aligned with two spaces, a dashed rule under the header (what every benchmark prints)."""
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+
+
+def open_sweep(out: str | Path, overwrite: bool, skip_existing: bool) -> Path:
+    """The sweep's output folder: created; an earlier sweep's non-empty folder is refused unless ``overwrite`` /
+    ``skip_existing``."""
+    from fedlatent.fl.run import RunFolder
+
+    out = Path(out)
+    if not (overwrite or skip_existing):
+        RunFolder.check(out)  # never clobber an earlier sweep
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def datasets_of(a, resize: int | None = None):
+    """``(name, data)`` of every ``--datasets`` entry: loaded from ``--data-root``, subsampled (``--train-subsample``,
+    ``--test-subsample``, ``--seed``), announced on stdout."""
+    from fedlatent.data import load_dataset
+
+    for ds in a.datasets:
+        data = subsample(load_dataset(ds, root=a.data_root, **({"resize": resize} if resize else {})),
+                         a.train_subsample, a.test_subsample, a.seed)
+        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
+              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
+        yield ds, data
+
+
+def simulation_row(res) -> dict:
+    """A finished simulation's summary for a sweep row (without the per-upload rejections)."""
+    s = res.summary()
+    s.pop("rejections", None)
+    return s
+
+
+def run_sweep(cells, run_one: Callable, line: Callable[[dict], str], *, out: Path, benchmark: str, settings: dict,
+              skip_existing: bool, t0: float) -> list[dict]:
+    """The sweep loop of the benchmark scripts.
+
+    ``cells`` yields ``(row, run_dir, context)``: the row's identifying columns (dataset, alpha, method, ...), the
+    run folder and what ``run_one(row, run_dir, context) -> dict`` needs (e.g. the loaded data). A run whose
+    folder already has a summary.json is reused with ``skip_existing``; a FedLatentError becomes the row's
+    ``error``. After every cell: ``line(row)`` is printed and results.json rewritten (an interrupted sweep keeps
+    what it did). Returns the rows.
+    """
+    import json
+
+    results: list[dict] = []
+    for base, run_dir, context in cells:
+        row = {**base, "out_dir": str(run_dir)}
+        if skip_existing and (run_dir / "summary.json").is_file():
+            row.update(json.loads((run_dir / "summary.json").read_text()))
+            row["note"] = "existing"
+        else:
+            try:
+                row.update(run_one(row, run_dir, context))
+            except FedLatentError as e:
+                row["error"] = str(e)
+        row["method"], row["out_dir"] = base["method"], str(run_dir)
+        results.append(row)
+        print(line(row), flush=True)
+        write_results(out / "results.json", benchmark, settings, results, t0)
+    return results
+
+
+def accuracy_line(row: dict, prefix: str) -> str:
+    """``prefix: final x%  best y%  t s`` (or the error) for a sweep's progress output."""
+    if row.get("final_accuracy") is None:
+        return f"{prefix}: error: {row.get('error')}"
+    return (f"{prefix}: final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
+            f"{row['wall_s']:.1f}s")

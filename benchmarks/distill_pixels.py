@@ -5,7 +5,7 @@ images), and evaluates fresh networks trained only on (a) the initial real image
 distilled images (same evaluation protocol and seeds). Prints a table and writes JSON.
 
     python benchmarks/distill_pixels.py --dataset digits --ipc 1 --iterations 200
-    python benchmarks/distill_pixels.py --dataset cifar10 --data-root /work/shared/data --ipc 10 \
+    python benchmarks/distill_pixels.py --dataset cifar10 --data-root ../shared/data --ipc 10 \
         --train-limit 500 --arch convnet:width=64 --iterations 300 --zca
 
 Small CPU defaults; the paper-scale setting (CIFAR-10, ipc 10, 5000 iterations, 100 experts of 50

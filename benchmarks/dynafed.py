@@ -13,7 +13,7 @@ local epoch, ConvNet, synthesis from 25 snapshots, ipc 15, 3000 iterations, 8-20
 Paper numbers (FedAvg -> DynaFed): FMNIST alpha 0.01: 74.50 -> 87.52, alpha 0.04: 81.74 -> 89.45;
 CIFAR-10 alpha 0.01: 39.30 -> 65.53, alpha 0.04: 51.19 -> 70.07.
 Local training here is the engine's SGD (lr 0.01, momentum 0.9), not Adam; DynaFed's CPU defaults
-(fedlatent.fl.dynafed.DynaFed) are scaled to that, see its docstring.
+(fedlatent.fl.methods.dynafed.DynaFed) are scaled to that, see its docstring.
 
 CPU configuration (one cell: 6000 training / 2000 test images, ConvNet width 16, 60 rounds;
 FedAvg about 2-3 min, DynaFed about 6-10 min on a quiet 2-core machine)::
@@ -36,7 +36,6 @@ Smoke test (well under a minute)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,29 +46,15 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/dynafed.py` fr
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
-from fedlatent.data import load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
-from fedlatent.fl.run import RunFolder  # noqa: E402
+from _common import (_list, accuracy_line, datasets_of, default_data_root, format_table, key_value,  # noqa: E402
+                     open_sweep, plot_comparison, run_cli, run_sweep, simulation_row)
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError  # noqa: E402
 
 # DynaFed options of the CPU configuration: the strategy's defaults (already scaled to a CPU and
-# documented with the paper's values in fedlatent.fl.dynafed.DynaFed), with the unrolled MTT
+# documented with the paper's values in fedlatent.fl.methods.dynafed.DynaFed), with the unrolled MTT
 # gradient (identical to the exact one, faster for a width-16 ConvNet).
 CPU_DYNAFED = {"mtt_mode": "unrolled"}
-
-
-def _option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise argparse.ArgumentTypeError(f"-O {text!r} is not KEY=VALUE")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every k rounds (+ first/last) [%(default)s]")
     p.add_argument("--train-subsample", type=int, default=6000, help="training images used (0: all) [%(default)s]")
     p.add_argument("--test-subsample", type=int, default=2000, help="test images used (0: all) [%(default)s]")
-    p.add_argument("-O", "--dynafed-option", dest="dynafed_options", type=_option, action="append", default=[],
+    p.add_argument("-O", "--dynafed-option", dest="dynafed_options", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="DynaFed option overriding the CPU defaults (JSON value); repeatable")
     p.add_argument("--seed", type=int, default=0, help="[%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto [%(default)s]")
@@ -124,67 +109,47 @@ def table(rows: list[dict]) -> str:
                      _pct(r.get("best_accuracy")), _pct(r.get("last10_accuracy")), gain, gain10,
                      "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}",
                      "-" if r.get("synth_s") is None else f"{r['synth_s']:.0f}", (r.get("error") or "")[:60]])
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
-    if not (a.overwrite or a.skip_existing):
-        RunFolder.check(out)  # never clobber an earlier sweep
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_sweep(a.out, a.overwrite, a.skip_existing)
     dyn_opts = dict(CPU_DYNAFED)
     dyn_opts.update(dict(a.dynafed_options))
     settings = {k: v for k, v in vars(a).items() if k != "dynafed_options"}
     settings["dynafed_options"] = dyn_opts
-    results: list[dict] = []
     t0 = time.perf_counter()
-    for ds in a.datasets:
-        data = subsample(load_dataset(ds, root=a.data_root, resize=a.image_size), a.train_subsample, a.test_subsample, a.seed)
-        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
-        for alpha in a.alphas:
-            for method in a.methods:
-                run_dir = out / f"{ds}_a{alpha:g}_{method}"
-                row = {"dataset": ds, "alpha": alpha, "method": method, "out_dir": str(run_dir)}
-                if a.skip_existing and (run_dir / "summary.json").is_file():
-                    row.update(json.loads((run_dir / "summary.json").read_text()))
-                    row["note"] = "existing"
-                else:
-                    try:
-                        opts = dict(dyn_opts, progress=a.progress) if method == "dynafed" else {}
-                        res = simulate(
-                            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
-                            method_options=opts, run_info={"benchmark": "dynafed", "dataset_name": ds},
-                            clients=a.clients, partition=a.partition, alpha=alpha, rounds=a.rounds,
-                            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, momentum=a.momentum,
-                            batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed,
-                            device=a.device,
-                        )
-                        s = res.summary()
-                        s.pop("rejections", None)
-                        row.update(s)
-                        synth = [h for h in res.history if h.get("synth_s") is not None]
-                        if synth:
-                            row.update(synth_s=synth[0]["synth_s"], synth_loss=synth[0]["synth_loss"],
-                                       synth_round=synth[0]["round"], syn_lr=synth[0].get("syn_lr"))
-                        row["accuracy_curve"] = [[h["round"], h["accuracy"]] for h in res.history
-                                                 if h.get("accuracy") is not None]
-                        # At alpha = 0.01 the global accuracy swings from round to round; the mean of the
-                        # last 10 evaluations is a steadier summary than the final value.
-                        tail = [acc for _, acc in row["accuracy_curve"][1:]][-10:]
-                        row["last10_accuracy"] = sum(tail) / len(tail) if tail else None
-                    except FedLatentError as e:
-                        row["error"] = str(e)
-                row["method"], row["out_dir"] = method, str(run_dir)
-                results.append(row)
-                print(f"  alpha={alpha:g} {method}: "
-                      + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
-                         f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
-                      flush=True)
-                write_results(out / "results.json", "dynafed", settings, results, t0)
+
+    def cells():
+        for ds, data in datasets_of(a, resize=a.image_size):
+            for alpha in a.alphas:
+                for method in a.methods:
+                    yield {"dataset": ds, "alpha": alpha, "method": method}, out / f"{ds}_a{alpha:g}_{method}", data
+
+    def run_one(row, run_dir, data):
+        method = row["method"]
+        opts = dict(dyn_opts, progress=a.progress) if method == "dynafed" else {}
+        res = simulate(
+            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
+            method_options=opts, run_info={"benchmark": "dynafed", "dataset_name": row["dataset"]},
+            clients=a.clients, partition=a.partition, alpha=row["alpha"], rounds=a.rounds,
+            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, momentum=a.momentum,
+            batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed, device=a.device)
+        out_row = simulation_row(res)
+        synth = [h for h in res.history if h.get("synth_s") is not None]
+        if synth:
+            out_row.update(synth_s=synth[0]["synth_s"], synth_loss=synth[0]["synth_loss"],
+                           synth_round=synth[0]["round"], syn_lr=synth[0].get("syn_lr"))
+        out_row["accuracy_curve"] = [[h["round"], h["accuracy"]] for h in res.history if h.get("accuracy") is not None]
+        # At alpha = 0.01 the global accuracy swings from round to round; the mean of the
+        # last 10 evaluations is a steadier summary than the final value.
+        tail = [acc for _, acc in out_row["accuracy_curve"][1:]][-10:]
+        out_row["last10_accuracy"] = sum(tail) / len(tail) if tail else None
+        return out_row
+
+    results = run_sweep(cells(), run_one, lambda r: accuracy_line(r, f"  alpha={r['alpha']:g} {r['method']}"),
+                        out=out, benchmark="dynafed", settings=settings, skip_existing=a.skip_existing, t0=t0)
     print()
     print(table(results))
     for path in plot_comparison(out, results, ("dataset", "alpha")):

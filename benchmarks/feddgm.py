@@ -45,10 +45,9 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
 from fedlatent.data import load_dataset  # noqa: E402
-from _common import run_cli  # noqa: E402
+from _common import _list, default_data_root, subsample, run_cli  # noqa: E402
 from fedlatent.fl.run import RunFolder, write_json  # noqa: E402
 
 
@@ -114,7 +113,9 @@ def last_mean(curve, k: int = 3) -> float:
 def speed(data, a, opts: dict) -> dict:
     """Seconds per iteration of all clients' MTT, looped vs batched, on identical distillers."""
     from fedlatent.fl.base import FLConfig, FLContext, Upload
-    from fedlatent.fl.feddgm import FedDGM, default_generator, distill_clients
+    from fedlatent.distill.batched import distill_clients
+    from fedlatent.fl.methods.feddgm import FedDGM
+    from fedlatent.generators.resolve import default_generator
 
     gen = opts.get("generator") or default_generator(data.name)
     space = opts.get("space") or ("pixel" if gen is None else None)
@@ -153,7 +154,8 @@ def speed(data, a, opts: dict) -> dict:
 def main(argv=None) -> int:
     from fedlatent.evaluate import evaluate_distilled, real_subset
     from fedlatent.distill.pixels import evaluate_synthetic
-    from fedlatent.fl.feddgm import default_generator, distill_federated, private_training_data
+    from fedlatent.apps.distill import distill_federated, private_training_data
+    from fedlatent.generators.resolve import default_generator
     from fedlatent.fl.run import read_metrics
     from fedlatent.fl.simulation import simulate
 

@@ -29,53 +29,18 @@ errors and the sweep goes on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/fl_baselines.py` from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from fedlatent.data import ImageData, load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
-from fedlatent.fl.run import RunFolder  # noqa: E402
+from _common import (_list, accuracy_line, datasets_of, default_data_root, open_sweep,  # noqa: E402
+                     plot_comparison, run_cli, run_sweep, simulation_row, format_table)
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError, numpy_rng  # noqa: E402
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
-    return parse
-
-
-def default_data_root() -> str:
-    return os.environ.get("FEDLATENT_DATA") or str((ROOT / ".." / "shared" / "data").resolve())
-
-
-def subsample(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
-    """A seeded random subset of the train / test sets (None or 0: keep everything)."""
-    def pick(n_total: int, n: int | None, key: str) -> torch.Tensor | None:
-        if not n or n >= n_total:
-            return None
-        return torch.from_numpy(np.sort(numpy_rng(seed, "subsample", data.name, key).choice(n_total, n, replace=False)))
-
-    tr, te = pick(len(data.y_train), n_train, "train"), pick(len(data.y_test), n_test, "test")
-    return dataclasses.replace(
-        data,
-        x_train=data.x_train if tr is None else data.x_train[tr], y_train=data.y_train if tr is None else data.y_train[tr],
-        x_test=data.x_test if te is None else data.x_test[te], y_test=data.y_test if te is None else data.y_test[te],
-    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,55 +81,36 @@ def table(rows: list[dict]) -> str:
              "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
              "-" if r.get("uplink_bytes") is None else f"{r['uplink_bytes'] / 1e6:.1f}",
              (r.get("error") or "")[:60]] for r in rows]
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
-    if not (a.overwrite or a.skip_existing):
-        RunFolder.check(out)  # never clobber an earlier sweep
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_sweep(a.out, a.overwrite, a.skip_existing)
     settings = {k: v for k, v in vars(a).items()}
-    results: list[dict] = []
     t0 = time.perf_counter()
-    for ds in a.datasets:
-        data = subsample(load_dataset(ds, root=a.data_root), a.train_subsample, a.test_subsample, a.seed)
-        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
-        for k in a.clients:
-            for alpha in a.alphas:
-                for method in a.methods:
-                    run_dir = out / f"{ds}_K{k}_a{alpha:g}_{method}"
-                    row = {"dataset": ds, "clients": k, "alpha": alpha, "method": method, "out_dir": str(run_dir)}
-                    if a.skip_existing and (run_dir / "summary.json").is_file():
-                        row.update(json.loads((run_dir / "summary.json").read_text()))
-                        row["note"] = "existing"
-                    else:
-                        try:
-                            res = simulate(
-                                method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
-                                method_options={"mu": a.mu} if method == "fedprox" else {},
-                                run_info={"benchmark": "fl_baselines", "dataset_name": ds},
-                                clients=k, partition=a.partition, alpha=alpha, min_size=a.min_size, rounds=a.rounds,
-                                participation=a.participation, local_epochs=a.local_epochs, lr=a.lr,
-                                batch_size=a.batch_size, model=a.model, eval_every=a.eval_every, seed=a.seed,
-                                device=a.device,
-                            )
-                            s = res.summary()
-                            s.pop("rejections", None)
-                            row.update(s)
-                        except FedLatentError as e:
-                            row["error"] = str(e)
-                    row["method"], row["out_dir"] = method, str(run_dir)
-                    results.append(row)
-                    print(f"  K={k} alpha={alpha:g} {method}: "
-                          + (f"final {100 * row['final_accuracy']:.2f}%  best {100 * row['best_accuracy']:.2f}%  "
-                             f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
-                          flush=True)
-                    write_results(out / "results.json", "fl_baselines", settings, results, t0)
+
+    def cells():
+        for ds, data in datasets_of(a):
+            for k in a.clients:
+                for alpha in a.alphas:
+                    for method in a.methods:
+                        yield ({"dataset": ds, "clients": k, "alpha": alpha, "method": method},
+                               out / f"{ds}_K{k}_a{alpha:g}_{method}", data)
+
+    def run_one(row, run_dir, data):
+        method = row["method"]
+        return simulation_row(simulate(
+            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
+            method_options={"mu": a.mu} if method == "fedprox" else {},
+            run_info={"benchmark": "fl_baselines", "dataset_name": row["dataset"]},
+            clients=row["clients"], partition=a.partition, alpha=row["alpha"], min_size=a.min_size, rounds=a.rounds,
+            participation=a.participation, local_epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size,
+            model=a.model, eval_every=a.eval_every, seed=a.seed, device=a.device))
+
+    results = run_sweep(cells(), run_one, lambda r: accuracy_line(r, f"  K={r['clients']} alpha={r['alpha']:g} "
+                                                                     f"{r['method']}"),
+                        out=out, benchmark="fl_baselines", settings=settings, skip_existing=a.skip_existing, t0=t0)
     print()
     print(table(results))
     for path in plot_comparison(out, results, ("dataset", "clients", "alpha")):

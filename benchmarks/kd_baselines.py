@@ -32,7 +32,6 @@ Smoke test (well under a minute)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,13 +42,10 @@ for p in (ROOT, ROOT / "benchmarks"):  # allow `python benchmarks/kd_baselines.p
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
 
-from fedlatent.data import load_dataset  # noqa: E402
-from _common import plot_comparison, run_cli, write_results  # noqa: E402
-from fedlatent.fl.run import RunFolder  # noqa: E402
+from _common import (_list, datasets_of, default_data_root, format_table, open_sweep,  # noqa: E402
+                     plot_comparison, run_cli, run_sweep, simulation_row)
 from fedlatent.fl.simulation import simulate  # noqa: E402
-from fedlatent.utils import FedLatentError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,58 +117,44 @@ def table(rows: list[dict]) -> str:
             "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}",
             (r.get("error") or r.get("note") or "")[:60],
         ])
-    w = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * n for n in w]), *map(fmt, body)])
+    return format_table(head, body)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
-    if not (a.overwrite or a.skip_existing):
-        RunFolder.check(out)  # never clobber an earlier sweep
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_sweep(a.out, a.overwrite, a.skip_existing)
     settings = dict(vars(a))
-    results: list[dict] = []
     t0 = time.perf_counter()
-    for ds in a.datasets:
-        data = subsample(load_dataset(ds, root=a.data_root), a.train_subsample, a.test_subsample, a.seed)
-        print(f"# {ds}: {len(data.y_train)} train / {len(data.y_test)} test images, "
-              f"{data.channels}x{data.image_size}x{data.image_size}", flush=True)
-        for alpha in a.alphas:
-            for method in a.methods:
-                run_dir = out / f"{ds}_a{alpha:g}_{method}"
-                row = {"dataset": ds, "alpha": alpha, "method": method, "out_dir": str(run_dir)}
-                if a.skip_existing and (run_dir / "summary.json").is_file():
-                    row.update(json.loads((run_dir / "summary.json").read_text()))
-                    row["note"] = "existing"
-                else:
-                    opts, extra = method_setup(a, method)
-                    try:
-                        res = simulate(
-                            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
-                            method_options=opts, run_info={"benchmark": "kd_baselines", "dataset_name": ds},
-                            clients=a.clients, partition=a.partition, alpha=alpha, min_size=a.min_size,
-                            rounds=a.rounds, participation=a.participation, local_epochs=a.local_epochs, lr=a.lr,
-                            batch_size=a.batch_size, eval_every=a.eval_every, seed=a.seed, device=a.device,
-                            public_fraction=a.public_fraction, **extra,
-                        )
-                        s = res.summary()
-                        s.pop("rejections", None)
-                        row.update(s)
-                        row["client_models"] = extra.get("client_models")
-                    except FedLatentError as e:
-                        row["error"] = str(e)
-                row["method"], row["out_dir"] = method, str(run_dir)
-                results.append(row)
-                per = row.get("final_accuracy_per_model") or {}
-                print(f"  alpha={alpha:g} {method}: "
-                      + (f"final {100 * row['final_accuracy']:.2f}% "
-                         + (f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in per.items())}) " if per else "")
-                         + f"up {row['uplink_bytes'] / 1e6:.3f} MB down {row['downlink_bytes'] / 1e6:.3f} MB "
-                         f"{row['wall_s']:.1f}s" if row.get("final_accuracy") is not None else f"error: {row.get('error')}"),
-                      flush=True)
-                write_results(out / "results.json", "kd_baselines", settings, results, t0)
+
+    def cells():
+        for ds, data in datasets_of(a):
+            for alpha in a.alphas:
+                for method in a.methods:
+                    yield {"dataset": ds, "alpha": alpha, "method": method}, out / f"{ds}_a{alpha:g}_{method}", data
+
+    def run_one(row, run_dir, data):
+        method = row["method"]
+        opts, extra = method_setup(a, method)
+        out_row = simulation_row(simulate(
+            method=method, data=data, out=run_dir, overwrite=True, progress=a.progress,
+            method_options=opts, run_info={"benchmark": "kd_baselines", "dataset_name": row["dataset"]},
+            clients=a.clients, partition=a.partition, alpha=row["alpha"], min_size=a.min_size,
+            rounds=a.rounds, participation=a.participation, local_epochs=a.local_epochs, lr=a.lr,
+            batch_size=a.batch_size, eval_every=a.eval_every, seed=a.seed, device=a.device,
+            public_fraction=a.public_fraction, **extra))
+        out_row["client_models"] = extra.get("client_models")
+        return out_row
+
+    def line(row):
+        if row.get("final_accuracy") is None:
+            return f"  alpha={row['alpha']:g} {row['method']}: error: {row.get('error')}"
+        per = row.get("final_accuracy_per_model") or {}
+        return (f"  alpha={row['alpha']:g} {row['method']}: final {100 * row['final_accuracy']:.2f}% "
+                + (f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in per.items())}) " if per else "")
+                + f"up {row['uplink_bytes'] / 1e6:.3f} MB down {row['downlink_bytes'] / 1e6:.3f} MB {row['wall_s']:.1f}s")
+
+    results = run_sweep(cells(), run_one, line, out=out, benchmark="kd_baselines", settings=settings,
+                        skip_existing=a.skip_existing, t0=t0)
     print()
     print(table(results))
     for path in plot_comparison(out, results, ("dataset", "alpha")):

@@ -69,6 +69,22 @@ def measure_conv_rate(threads: int) -> float:
     return 2.0 * B * (SIZE // 2) ** 2 * WIDTH * WIDTH * 9 / dt
 
 
+def measure_matmul_peak(threads: int, dtype: str = "float32", n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of an n x n matmul (the machine's practical dense peak in ``dtype``; best of ``reps``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    x, y = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    x @ y
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
 def worker(a: argparse.Namespace) -> None:
     import torch
 
@@ -108,7 +124,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per config")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "autograd"])
+    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "convnet-bf16", "autograd"])
+    p.add_argument("--engines", default=None, help="comma list of engines compared side by side (default: --engine)")
+    p.add_argument("--passes", type=int, default=1, help="repeat the whole sweep (interleaved repeats)")
     p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
                    help="do not call fedlatent.distill.tune_allocator() (glibc keeps big blocks)")
     p.add_argument("--per-image-dsa", action="store_true", help="per-image DSA draws (the reference's choice)")
@@ -121,49 +139,62 @@ def main() -> None:
         return worker(a)
 
     rate = measure_conv_rate(a.threads)
+    peak = {dt: measure_matmul_peak(a.threads, dt) for dt in ("float32", "bfloat16")}
     rows = []
-    for mode in a.modes.split(","):
-        for steps in [int(s) for s in a.steps.split(",")]:
-            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--syn-steps", str(steps), "--iters",
-                   str(a.iters), "--warmup", str(a.warmup), "--threads", str(a.threads), "--engine", a.engine]
-            cmd += [] if a.tune_malloc else ["--no-tune-malloc"]
-            cmd += ["--per-image-dsa"] if a.per_image_dsa else []
-            env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                print(f"{mode} {steps}: worker failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-                rows.append({"mode": mode, "syn_steps": steps, "error": r.stderr[-500:]})
-                continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            times = sorted(res["times"])
-            sec = times[len(times) // 2]
-            fl = iteration_flops(mode, steps)
-            ref = REFERENCE.get(steps)
-            cpu = sorted(res["cpu_times"])
-            row = {"mode": mode, "syn_steps": steps, "sec_per_iter": sec, "min_sec": times[0], "times": res["times"],
-                   "cpu_sec_per_iter": cpu[len(cpu) // 2],
-                   "peak_gb": res["peak_bytes"] / 1e9, "gflop": fl["ours"] / 1e9, "ref_gflop": fl["reference"] / 1e9,
-                   "floor_sec": fl["ours"] / rate, "achieved_gflops": fl["ours"] / sec / 1e9,
-                   "tuned_malloc": res["tuned_malloc"]}
-            if ref:
-                row.update(ref_sec=ref[0], ref_peak_gb=ref[1], speedup_vs_ref=ref[0] / sec)
-            rows.append(row)
-            print(f"  done {mode} {steps}: {sec:.2f} s/iter, peak {row['peak_gb']:.2f} GB", file=sys.stderr, flush=True)
+    for pass_ in range(a.passes):  # interleaved: every engine of a config back to back, the sweep repeated
+        for mode in a.modes.split(","):
+            for steps in [int(s) for s in a.steps.split(",")]:
+                for engine in (a.engines or a.engine).split(","):
+                    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--syn-steps", str(steps), "--iters",
+                           str(a.iters), "--warmup", str(a.warmup), "--threads", str(a.threads), "--engine", engine]
+                    cmd += [] if a.tune_malloc else ["--no-tune-malloc"]
+                    cmd += ["--per-image-dsa"] if a.per_image_dsa else []
+                    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if r.returncode != 0:
+                        print(f"{mode} {steps}: worker failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                        rows.append({"mode": mode, "syn_steps": steps, "engine": engine, "error": r.stderr[-500:]})
+                        continue
+                    res = json.loads(r.stdout.strip().splitlines()[-1])
+                    times = sorted(res["times"])
+                    sec = times[len(times) // 2]
+                    fl = iteration_flops(mode, steps)
+                    ref = REFERENCE.get(steps)
+                    cpu = sorted(res["cpu_times"])
+                    row = {"mode": mode, "syn_steps": steps, "engine": engine, "pass": pass_,
+                           "load": os.getloadavg()[0], "sec_per_iter": sec, "min_sec": times[0], "times": res["times"],
+                           "cpu_sec_per_iter": cpu[len(cpu) // 2],
+                           "peak_gb": res["peak_bytes"] / 1e9, "gflop": fl["ours"] / 1e9, "ref_gflop": fl["reference"] / 1e9,
+                           "floor_sec": fl["ours"] / rate, "achieved_gflops": fl["ours"] / sec / 1e9,
+                           "tuned_malloc": res["tuned_malloc"]}
+                    if ref:
+                        row.update(ref_sec=ref[0], ref_peak_gb=ref[1], speedup_vs_ref=ref[0] / sec)
+                    rows.append(row)
+                    print(f"  done {engine} {mode} {steps}: {sec:.2f} s/iter, peak {row['peak_gb']:.2f} GB",
+                          file=sys.stderr, flush=True)
 
     print(f"\nconv throughput here ({a.threads} threads): {rate / 1e9:.0f} GFLOP/s; engine {a.engine}; "
           f"malloc tuned: {a.tune_malloc}")
-    hdr = f"{'mode':9s} {'steps':>5s} {'s/iter':>8s} {'peak GB':>8s} {'GFLOP':>8s} {'floor s':>8s} " \
+    hdr = f"{'engine':12s} {'mode':9s} {'steps':>5s} {'s/iter':>8s} {'peak GB':>8s} {'GFLOP':>8s} {'floor s':>8s} " \
           f"{'GFLOP/s':>8s} {'cpu s':>7s} {'ref s':>6s} {'ref GB':>6s} {'speedup':>8s}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:9s} {r['syn_steps']:5d}  failed")
+            print(f"{r['engine']:12s} {r['mode']:9s} {r['syn_steps']:5d}  failed")
             continue
         ref = f"{r.get('ref_sec', float('nan')):6.1f} {r.get('ref_peak_gb', float('nan')):6.1f} " \
               f"{r.get('speedup_vs_ref', float('nan')):7.2f}x"
-        print(f"{r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
+        print(f"{r['engine']:12s} {r['mode']:9s} {r['syn_steps']:5d} {r['sec_per_iter']:8.2f} {r['peak_gb']:8.2f} {r['gflop']:8.0f} "
               f"{r['floor_sec']:8.2f} {r['achieved_gflops']:8.0f} {r['cpu_sec_per_iter']:7.2f} {ref}")
+    print(f"matmul peak here ({a.threads} threads, best of 10, 1024^3): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
+    for r in rows:
+        if "error" not in r:
+            r["fp32_matmul_peak_gflops"] = peak["float32"] / 1e9
+            r["roofline_fraction"] = r["achieved_gflops"] * 1e9 / peak["float32"]
+            print(f"roofline {r['mode']} {r['syn_steps']} steps: {r['achieved_gflops']:.0f} GFLOP/s = "
+                  f"{100 * r['roofline_fraction']:.0f} % of the fp32 matmul peak")
     by = {(r["mode"], r["syn_steps"]): r for r in rows if "error" not in r}
     if ("exact", 10) in by and ("exact", 60) in by:
         print(f"exact: peak at 60 steps / peak at 10 steps = {by[('exact', 60)]['peak_gb'] / by[('exact', 10)]['peak_gb']:.2f}")
@@ -171,7 +202,8 @@ def main() -> None:
           + ", ".join(f"{s}: {iteration_flops('unrolled', s)['reference'] / 1e9:.0f} GFLOP" for s in (10, 20, 40, 60)))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"threads": a.threads, "conv_gflops": rate / 1e9, "engine": a.engine, "tune_malloc": a.tune_malloc,
+        json.dump({"threads": a.threads, "conv_gflops": rate / 1e9, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+                   "load": os.getloadavg(), "engine": a.engine, "tune_malloc": a.tune_malloc,
                    "rows": rows}, f, indent=2)
     print(f"wrote {a.out}")
 

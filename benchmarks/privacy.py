@@ -27,9 +27,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
-
-from _common import machine_info, run_cli  # noqa: E402
+from _common import _list, default_data_root, machine_info, run_cli, subsample  # noqa: E402
 from fedlatent.data import load_dataset  # noqa: E402
 from fedlatent.fl.run import read_metrics, write_json  # noqa: E402
 
@@ -85,7 +83,7 @@ def cells(a):
 
 
 def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
-    from fedlatent.fl.feddgm import distill_federated
+    from fedlatent.apps.distill import distill_federated
     from fedlatent.fl.simulation import simulate
 
     common = dict(clients=a.clients, participation=1.0, rounds=a.rounds, local_epochs=a.local_epochs, lr=a.lr,
@@ -95,6 +93,7 @@ def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
         common.update(dp=True, dp_epsilon=eps, dp_clip=a.dp_clip, dp_delta=a.dp_delta)
     if method == "feddgm":
         distill_federated(data=data, preset="cpu", out=run_dir, overwrite=True, progress=False, exclude_public=False,
+                          baseline="none",
                           surrogate=a.model, iterations=a.feddgm_iterations, **common)
     elif method == "dynafed":
         simulate("dynafed", dataset=name, data=data, out=run_dir, overwrite=True, progress=False,
@@ -105,7 +104,8 @@ def run_one(a, data, name, alpha, method, eps, run_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from fedlatent.fl.feddgm import default_generator, private_training_data
+    from fedlatent.apps.distill import private_training_data
+    from fedlatent.generators.resolve import default_generator
     a = parse_args(argv)
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge if Path(f).is_file()]

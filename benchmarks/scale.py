@@ -2,7 +2,7 @@
 
 Section 1 - serial vs Ray. One FedDGM round (every client participates: local training, then the server's
 per-client latent distillation, then server training on the pool and the test evaluation) through
-:func:`fedlatent.fl.feddgm.distill_federated` on the same machine:
+:func:`fedlatent.apps.distill.distill_federated` on the same machine:
 
 * ``serial``: everything in this process with ``--serial-threads`` PyTorch threads (one row per value);
 * ``ray``: client updates and per-client distillations as Ray tasks (``--cpus-per-client`` CPUs and threads
@@ -47,8 +47,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from _common import machine_info, run_cli, write_results  # noqa: E402
-from fl_baselines import _list, default_data_root, subsample  # noqa: E402
+from _common import _list, default_data_root, subsample, machine_info, run_cli, write_results  # noqa: E402
 from fedlatent.data import ImageData, load_dataset  # noqa: E402
 from fedlatent.fl.run import RunFolder  # noqa: E402
 from fedlatent.utils import FedLatentError  # noqa: E402
@@ -86,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def feddgm_round(args, data: ImageData, clients: int, backend="serial"):
     """One FedDGM round; returns (seconds by part, result)."""
-    from fedlatent.fl.feddgm import distill_federated
+    from fedlatent.apps.distill import distill_federated
 
     res = distill_federated(
         data=data, exclude_public=False, out=None, progress=False, backend=backend, preset="cpu",
@@ -130,7 +129,7 @@ def _warm_worker() -> None:
     """Start a worker and import what a FedDGM job needs (kept out of the timed rounds)."""
     import importlib
 
-    for mod in ("fedlatent.fl.feddgm", "fedlatent.generators"):
+    for mod in ("fedlatent.fl.methods.feddgm", "fedlatent.generators"):
         importlib.import_module(mod)
     time.sleep(1.0)  # hold the slot, so that every warm-up job gets its own worker
 

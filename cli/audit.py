@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from fedlatent.cli._options import progress_option
+
 
 @click.command("audit")
 @click.argument("run_dir", type=click.Path(file_okay=False))
@@ -16,7 +18,7 @@ import click
 @click.option("--shadow-epochs", type=click.IntRange(1), default=15, show_default=True,
               help="Training epochs of each shadow model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the member sample, shadows, extractor.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option
 def audit(run_dir, data_root, members, shadows, shadow_epochs, seed, no_progress) -> None:
     """Audit what RUN_DIR's synthetic set and global model reveal about the clients' training images.
 

@@ -1,69 +1,47 @@
 """``fedlatent distill``: FedDGM end to end (clients -> server latent trajectory matching -> global model)."""
 from __future__ import annotations
 
-import json
-
 import click
 
-from fedlatent.parallel import backend_from_cli, click_options
+from fedlatent.cli._options import (audit_option, backend_from_cli, backend_options, baseline_option, config_option,
+                                    fl_options, fl_values, log_option, method_option, option_strings, progress_option,
+                                    run_audit)
+from fedlatent.configfile import distill_options
 from fedlatent.utils import FedLatentError
-
-from ._privacy import pop_privacy, privacy_options, run_audit
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise FedLatentError(f"--option {text!r} is not KEY=VALUE")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 @click.command("distill")
+@config_option(distill_options)
 @click.option("--preset", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
               help="cpu: digits-scale run for a laptop (5 clients, 3 rounds, ConvNet width 16, ipc 2, 20 iterations of "
                    "8 syn_steps); paper: the FedDGM reference schedule for GPUs (10 clients, Dirichlet 0.5, 20 rounds, "
                    "ConvNet-D3 width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5). "
-                   "Every option below overrides the preset.")
+                   "Every option below overrides the preset (`fedlatent methods feddgm` lists what each preset sets).")
 @click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, or npz:/path/to/folder.")
+              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
+                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
 @click.option("--image-size", type=click.IntRange(4, 512), default=None,
               help="Resize images to this many pixels. [default: 16 for digits, native otherwise]")
-@click.option("--clients", type=click.IntRange(1), default=None, help="Number of clients.")
-@click.option("--participation", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Fraction of clients per round (FedDGM reference: 1.0).")
-@click.option("--partition", type=click.Choice(["iid", "dirichlet", "balanced-dirichlet", "pathological"]),
-              default=None, help="Client split (preset: dirichlet).")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Dirichlet concentration (preset 0.5; smaller = more heterogeneous).")
-@click.option("--rounds", type=click.IntRange(0), default=None, help="Communication rounds.")
-@click.option("--local-epochs", type=click.IntRange(0), default=None, help="Local epochs per round.")
+@fl_options(None, "[default: the preset's]")
 @click.option("--ipc", type=click.IntRange(1), default=None, help="Distilled images per class per client.")
 @click.option("--iterations", type=click.IntRange(0), default=None, help="MTT iterations per client and round.")
 @click.option("--syn-steps", type=click.IntRange(1), default=None, help="Student steps per MTT iteration.")
 @click.option("--generator", default=None,
-              help="Generator: a name from `fedlatent pretrained list` or a checkpoint path. [default: the "
-                   "dataset's built-in generator, e.g. 'digits']")
+              help="Generator: a name from `fedlatent pretrained list`, a checkpoint path, or 'random[:width=64,"
+                   "seed=0]' (an untrained prior). [default: the dataset's built-in generator, e.g. 'digits']")
 @click.option("--space", default=None,
               help="Latent space: F<k> (features after k generator layers), W+, or pixel. [default: F_{L//3} for a "
                    "built-in generator, F5 for StyleGAN-XL]")
 @click.option("--surrogate", default=None,
-              help="The ConvNet clients train and the server matches, e.g. convnet:width=32 (buffer-free).")
-@click.option("--model", "global_model", default=None,
-              help="Global model architecture trained on the pooled distilled sets (any registry name, e.g. "
-                   "resnet18); the surrogate itself when equal.")
+              help="The ConvNet clients train and the server matches, e.g. convnet:width=32 (buffer-free); the global "
+                   "model is --model (the surrogate itself when equal).")
 @click.option("--train-epochs", type=click.IntRange(0), default=None,
               help="Server epochs on the pooled distilled sets per round.")
 @click.option("--batched/--looped", "batched", default=None,
               help="Distil the clients as one batched computation (vmap over clients) or one after the other. "
                    "[default: batched on CUDA, looped on CPU]")
-@click.option("--seed", type=int, default=None, help="One seed fixes everything. [default: 0]")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: cpu]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder. [default: runs/feddgm-DATASET-TIMESTAMP]")
 @click.option("--overwrite", is_flag=True, help="Reuse a non-empty run folder (its run files are replaced).")
@@ -71,19 +49,20 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Continue a killed run from its last checkpoint (all other options come from its config.json).")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=1, show_default=True,
               help="Write a checkpoint every N rounds (and after the last).")
-@click.option("--option", "-O", "options", multiple=True, metavar="KEY=VALUE",
-              help="Any other FLConfig field or FedDGM option, e.g. -O lr_img=100 -O pool=all (JSON values).")
+@method_option
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for PyTorch. [default: 1 for --preset cpu on a CPU device unless $OMP_NUM_THREADS is "
                    "set (its tiny kernels gain nothing from intra-op threads, and on a busy machine two threads were "
                    "measured 10x slower than one); PyTorch's default otherwise]. With --backend ray: this process only "
                    "(server training, evaluation); the Ray tasks use int(--ray-cpus-per-client) threads each.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
-@privacy_options
-@click_options
-def distill(preset, dataset, data_root, image_size, clients, participation, partition, alpha, rounds, local_epochs,
-            ipc, iterations, syn_steps, generator, space, surrogate, global_model, train_epochs, batched, seed, device,
-            out, overwrite, resume, checkpoint_every, options, threads, no_progress, **backend_options):
+@baseline_option
+@audit_option
+@progress_option
+@log_option
+@backend_options
+def distill(preset, dataset, data_root, image_size, ipc, iterations, syn_steps, generator, space, surrogate,
+            train_epochs, batched, out, overwrite, resume, checkpoint_every, options, threads, baseline, audit,
+            no_progress, log, **rest):
     """Federated learning through server-side latent distillation (FedDGM).
 
     Clients train the global surrogate locally and upload start/end weights; the server distils each client's
@@ -96,17 +75,18 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
 
     import torch
 
+    from fedlatent.apps.distill import distill_federated
     from fedlatent.distill.mtt import tune_allocator
-    from fedlatent.fl.feddgm import distill_federated
+    from fedlatent.fl.base import FLConfig
+    from fedlatent.fl.methods.feddgm import FedDGMConfig
 
     tune_allocator()
+    fl = fl_values(rest)
     if threads is not None:
         torch.set_num_threads(threads)
-    elif preset == "cpu" and not os.environ.get("OMP_NUM_THREADS") and (device or "cpu") == "cpu":
+    elif preset == "cpu" and not os.environ.get("OMP_NUM_THREADS") and (fl.get("device") or "cpu") == "cpu":
         torch.set_num_threads(1)
-    opts = dict(clients=clients, participation=participation, partition=partition, alpha=alpha, rounds=rounds,
-                local_epochs=local_epochs, ipc=ipc, iterations=iterations, syn_steps=syn_steps, surrogate=surrogate,
-                model=global_model, train_epochs=train_epochs, seed=seed, device=device)
+    opts = dict(fl, ipc=ipc, iterations=iterations, syn_steps=syn_steps, surrogate=surrogate, train_epochs=train_epochs)
     if batched is not None:
         opts["batched"] = batched
     if generator is not None:
@@ -114,28 +94,31 @@ def distill(preset, dataset, data_root, image_size, clients, participation, part
     if space is not None:
         opts["space"] = space
     opts = {k: v for k, v in opts.items() if v is not None}
-    for text in options:
-        k, v = _parse_option(text)
-        opts[k] = v
-    dp, audit = pop_privacy(backend_options)
-    opts.update(dp)
-    backend = backend_from_cli(**backend_options)
+    opts.update(option_strings(options, FLConfig, FedDGMConfig))
+    backend = backend_from_cli(**rest)
     try:
         if resume is not None:
-            explicit = [k for k in opts] + (["out"] if out else [])
+            explicit = [k for k in opts] + (["out"] if out else []) + (["baseline"] if baseline else [])
             if explicit:
                 raise FedLatentError("--resume continues a run with its own options; drop "
                                      f"{', '.join(sorted(explicit))}")
             result = distill_federated(resume=resume, progress=not no_progress, checkpoint_every=checkpoint_every,
-                                       backend=backend or "serial")
+                                       backend=backend or "serial", log=log)
         else:
             result = distill_federated(dataset=dataset, data_root=data_root, preset=preset, out=out,
                                        overwrite=overwrite, image_size=image_size, progress=not no_progress,
-                                       checkpoint_every=checkpoint_every, backend=backend or "serial", **opts)
+                                       checkpoint_every=checkpoint_every, backend=backend or "serial", log=log,
+                                       baseline=baseline or "fedavg", **opts)
     finally:
         if backend is not None:
             backend.close()
     click.echo(result.line())
+    from fedlatent.summary import echo_summary
+
+    sim = result.simulation
+    info = {} if result.resumed_from is None else {"resumed after round": result.resumed_from}
+    info.update(result.comparison_info())
+    echo_summary(sim.history, title="feddgm summary", wall_s=sim.wall_s, out_dir=result.out_dir, info=info)
     if audit and result.out_dir is not None:
         run_audit(result.out_dir, data_root=data_root, progress=not no_progress)
 

@@ -1,12 +1,9 @@
 """``fedlatent distill-pixels``: pixel-space MTT (train or load experts, distil, evaluate, save)."""
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, replace
-from pathlib import Path
-
 import click
+
+from fedlatent.cli._options import progress_option
 
 
 @click.command("distill-pixels")
@@ -38,78 +35,45 @@ import click
 @click.option("--eval-seeds", type=int, default=2, show_default=True, help="Networks trained in the evaluation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@progress_option
 def distill_pixels(dataset, data_root, ipc, syn_steps, expert_epochs, max_start_epoch, iterations, num_experts,
                    expert_train_epochs, experts_path, arch, mode, engine, zca, init, batch_syn, lr_img, lr_lr,
-                   lr_teacher, dsa, train_limit, eval_epochs, eval_seeds, seed, out_dir, quiet) -> None:
+                   lr_teacher, dsa, train_limit, eval_epochs, eval_seeds, seed, out_dir, no_progress) -> None:
     """Distil a dataset into IPC images per class by matching expert training trajectories (MTT).
 
-    Writes OUT/distilled.safetensors (images in the model's input space, labels, learned lr),
-    OUT/grid.png, OUT/metrics.json and (when trained here) OUT/experts.safetensors.
+    Writes OUT/distilled.safetensors (the distilled-set format: images in the model's input space, labels,
+    learned lr; `fedlatent eval` reads it), OUT/grid.png, OUT/metrics.json and (when trained here)
+    OUT/experts.safetensors.
     """
     import numpy as np
-    import torch
-    from safetensors.torch import save_file
-    from torchvision.utils import save_image, make_grid
 
-    from fedlatent.data import load_dataset
-    from fedlatent.distill import ZCA, DistillConfig, distill_pixels as run, load_experts, save_experts, train_experts
+    from fedlatent.distill import DistillConfig
     from fedlatent.distill.mtt import tune_allocator
-    from fedlatent.utils import FedLatentError, atomic_write, atomic_write_text, derive_seed, numpy_rng
+    from fedlatent.distill.pixels import run_pixel_mtt
 
     tune_allocator()
-    out = Path(out_dir)
-    progress = not quiet
-    t0 = time.time()
-    data = load_dataset(dataset, root=data_root)
-    if train_limit is not None:
-        if train_limit < 1:
-            raise FedLatentError(f"--train-limit must be >= 1, got {train_limit}")
-        rng = numpy_rng(seed, "train-limit")
-        y = data.y_train.numpy()
-        keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:train_limit] for c in range(data.num_classes)])
-        keep = torch.from_numpy(np.sort(keep))
-        data = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
-    zca_t = None
-    if zca:
-        zca_t = ZCA().fit(data.x_train)
-        data = replace(data, x_train=zca_t(data.x_train), x_test=zca_t(data.x_test))
-        zca_t.save(out / "zca.safetensors")
-    if experts_path:
-        trajectories, meta = load_experts(experts_path)
-        if meta.get("zca", zca) != zca:
-            raise FedLatentError(f"{experts_path} was trained with zca={meta.get('zca')}, but --zca is {zca}")
-    else:
-        epochs = expert_train_epochs or (max_start_epoch + expert_epochs)
-        trajectories = train_experts(arch, data, num_experts, epochs, lr=lr_teacher,
-                                     seed=derive_seed(seed, "experts"), progress=progress)
-        save_experts(out / "experts.safetensors", trajectories,
-                     {"arch": arch, "dataset": dataset, "zca": zca, "epochs": epochs, "lr": lr_teacher})
     cfg = DistillConfig(syn_steps=syn_steps, expert_epochs=expert_epochs, max_start_epoch=max_start_epoch,
                         batch_syn=batch_syn, lr_img=lr_img, lr_lr=lr_lr, lr_teacher=lr_teacher, mode=mode,
                         engine=engine, dsa=dsa, seed=seed)
-    res = run(data, trajectories, arch, ipc, iterations, cfg, init=init, eval_epochs=eval_epochs,
-              eval_seeds=tuple(range(eval_seeds)), progress=progress)
-    tensors = {"images": res.images.contiguous(), "labels": res.labels.contiguous(),
-               "lr": torch.tensor([res.lr], dtype=torch.float64)}
-    atomic_write(out / "distilled.safetensors",
-                 lambda p: save_file(tensors, p, metadata={"dataset": dataset, "arch": arch, "zca": str(zca),
-                                                           "mean": json.dumps(data.mean), "std": json.dumps(data.std)}))
-    view = zca_t.inverse(res.images) if zca_t is not None else res.images
-    view = data.denormalize(view)
-    grid = make_grid(view, nrow=max(ipc, 1) if ipc <= 20 else 20, padding=1)
-    atomic_write(out / "grid.png", lambda p: save_image(grid, p, format="png"))
-    metrics = {"dataset": dataset, "arch": arch, "ipc": ipc, "iterations": iterations, "config": asdict(cfg),
-               "kernel": res.extra.get("kernel"), "learned_lr": res.lr, "loss_history": res.history,
-               "evaluation": res.evaluation, "num_experts": len(trajectories), "seconds": round(time.time() - t0, 1)}
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    last = np.mean(res.history[-10:]) if res.history else float("nan")
-    msg = f"distilled {len(res.images)} images; mean loss of the last 10 iterations {last:.4f}; lr {res.lr:.3g}"
-    if res.evaluation:
-        e = res.evaluation
+    m = run_pixel_mtt(out_dir, dataset=dataset, data_root=data_root, arch=arch, ipc=ipc, iterations=iterations,
+                      config=cfg, num_experts=num_experts, expert_train_epochs=expert_train_epochs,
+                      experts_path=experts_path, zca=zca, init=init, train_limit=train_limit, eval_epochs=eval_epochs,
+                      eval_seeds=eval_seeds, progress=not no_progress)
+    hist = m["loss_history"]
+    last = np.mean(hist[-10:]) if hist else float("nan")
+    msg = f"mean loss of the last 10 iterations {last:.4f}; lr {m['learned_lr']:.3g}"
+    if m["evaluation"]:
+        e = m["evaluation"]
         msg += f"; test accuracy {100 * e['mean']:.2f} +- {100 * e['std']:.2f} % ({arch}, {len(e['accs'])} runs)"
-    click.echo(msg)
-    click.echo(f"wrote {out}/distilled.safetensors, grid.png, metrics.json")
+    click.echo(f"distilled {m['n_images']} images; " + msg)
+    click.echo(f"wrote {out_dir}/distilled.safetensors, grid.png, metrics.json")
+    from fedlatent.summary import echo_summary
+
+    e = m["evaluation"]
+    echo_summary([], title="distill-pixels summary", wall_s=m.get("seconds"), out_dir=out_dir,
+                 files=["distilled.safetensors", "grid.png", "metrics.json"],
+                 info={"images": m["n_images"], "final loss (mean of last 10)": f"{last:.4f}",
+                       **({"test accuracy": f"{e['mean']:.4f} +- {e['std']:.4f} ({len(e['accs'])} runs)"} if e else {})})
 
 
 COMMANDS = [distill_pixels]

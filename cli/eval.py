@@ -5,6 +5,8 @@ import json
 
 import click
 
+from fedlatent.cli._options import progress_option
+
 from fedlatent.utils import FedLatentError
 
 
@@ -32,11 +34,14 @@ def _seeds(text: str) -> list[int]:
 @click.option("--no-dsa", is_flag=True, help="Train without differentiable siamese augmentation.")
 @click.option("--max-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
-@click.option("--no-progress", is_flag=True)
+@progress_option
 def eval_cmd(distilled, archs, dataset, data_root, epochs, lr, seeds, batch_size, no_dsa, max_test, json_out,
              no_progress):
-    """Train fresh models of each --arch on DISTILLED (a distilled.safetensors or a run folder) and report the
-    real test accuracy, mean +- std over --seeds."""
+    """Train fresh models of each --arch on DISTILLED and report the real test accuracy, mean +- std over --seeds.
+
+    DISTILLED: a distilled-set file - FedDGM's distilled.safetensors, DynaFed's pseudo.safetensors (soft labels),
+    fedlatent distill-pixels' distilled.safetensors, or such a file from an earlier version - or a run folder
+    holding one."""
     from pathlib import Path
 
     from fedlatent.evaluate import evaluate_distilled, format_table
@@ -44,7 +49,9 @@ def eval_cmd(distilled, archs, dataset, data_root, epochs, lr, seeds, batch_size
 
     p = Path(distilled)
     if p.is_dir():
-        p = p / "distilled.safetensors"
+        from fedlatent.artifacts import DISTILLED_FILE, PSEUDO_FILE
+
+        p = next((p / n for n in (DISTILLED_FILE, PSEUDO_FILE) if (p / n).is_file()), p / DISTILLED_FILE)
     res = evaluate_distilled(p, archs, dataset=dataset, data_root=data_root, epochs=epochs, lr=lr, seeds=_seeds(seeds),
                              batch_size=batch_size, dsa=not no_dsa, max_test=max_test, progress=not no_progress)
     click.echo(format_table(res))

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_distilled": ("fedlatent.export", "load_distilled"),
     "save_distilled": ("fedlatent.export", "save_distilled"),
-    "distill_federated": ("fedlatent.fl.feddgm", "distill_federated"),
+    "distill_federated": ("fedlatent.apps.distill", "distill_federated"),
     "evaluate_distilled": ("fedlatent.evaluate", "evaluate_distilled"),
 }
 

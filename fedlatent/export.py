@@ -11,7 +11,16 @@ tensors
     ``clients``  int64 ``[N]``: the client each image was distilled for (-1 = unknown), optional;
     ``rounds``   int64 ``[N]``: the communication round it was distilled in, optional;
     ``ws``       float32 ``[N, num_ws, w_dim]``: the generator's w+ latents (W+ and F_k spaces), optional;
-    ``f_k``      float32 ``[N, C_k, H_k, W_k]``: the F_k feature maps (F_k spaces), optional.
+    ``f_k``      float32 ``[N, C_k, H_k, W_k]``: the F_k feature maps (F_k spaces), optional;
+    ``soft_labels`` float32 ``[N, K]``: ``softmax(labels)`` when the labels are soft (for readers that want
+                 probabilities), optional;
+    ``lr``       float32 ``[1]``: the student step size learned with the set (pixel MTT, DynaFed), optional;
+    ``loss_history`` float32 ``[T]``: the trajectory-matching loss per iteration, optional.
+
+One format for every distilled set fedlatent writes: FedDGM's pool (``distilled.safetensors``), DynaFed's pseudo
+set (``pseudo.safetensors``, soft labels) and pixel MTT (``fedlatent distill-pixels``). :func:`load_distilled`
+also reads the files of earlier versions: DynaFed's ``fedlatent.dynafed.pseudo/1`` and the untagged pixel-MTT
+file (images, labels, lr with dataset/arch/mean/std metadata).
 
 metadata (the safetensors header, str -> str)
     ``format`` = ``fedlatent.distilled``, ``format_version`` = ``1``, ``dataset``, ``class_names`` (JSON
@@ -35,13 +44,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .utils import FedLatentError, atomic_write
+from .utils import FedLatentError, save_safetensors
 
 FORMAT = "fedlatent.distilled"
 FORMAT_VERSION = "1"
 ENCODINGS = ("float-normalized", "uint8")
 LATENT_KEYS = ("ws", "f_k")
-_KNOWN = {"images", "labels", "clients", "rounds", *LATENT_KEYS}
+_KNOWN = {"images", "labels", "clients", "rounds", *LATENT_KEYS, "soft_labels", "lr", "loss_history"}
+LEGACY_PSEUDO_FORMAT = "fedlatent.dynafed.pseudo/1"
 
 
 class DistilledDataset(Dataset):
@@ -54,10 +64,13 @@ class DistilledDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, metadata: dict[str, Any],
                  clients: torch.Tensor | None = None, rounds: torch.Tensor | None = None,
-                 latents: Mapping[str, torch.Tensor] | None = None):
+                 latents: Mapping[str, torch.Tensor] | None = None, lr: float | None = None,
+                 loss_history: Sequence[float] | None = None):
         self.images, self.labels, self.metadata = images, labels, metadata
         self.clients, self.rounds = clients, rounds
         self.latents = dict(latents or {})
+        self.lr = lr  # the learned student step size, when the set has one
+        self.loss_history = None if loss_history is None else [float(v) for v in loss_history]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -99,14 +112,13 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
                    generator: str | None = None, generator_sha256: str | None = None, latent_space: str = "pixel",
                    ipc: int | None = None, seed: int | None = None, clients: torch.Tensor | None = None,
                    rounds: torch.Tensor | None = None, latents: Mapping[str, torch.Tensor | None] | None = None,
-                   extra: Mapping[str, Any] | None = None, uint8: bool = False) -> Path:
+                   extra: Mapping[str, Any] | None = None, uint8: bool = False, lr: float | None = None,
+                   loss_history: Sequence[float] | None = None) -> Path:
     """Write a distilled set (atomically) in the format described in the module docstring; returns the path.
 
     ``images`` are in the normalised input space given by ``mean`` / ``std``; with ``uint8=True`` they are stored
     de-normalised and quantised to 0..255 (lossy). Shapes and values are checked first (FedLatentError).
     """
-    from safetensors.torch import save_file
-
     from . import __version__
     from .data import denormalize
 
@@ -133,6 +145,7 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
             if labels.shape != (n, k) or not torch.isfinite(labels).all():
                 raise FedLatentError(f"soft labels must be finite [{n}, {k}] logits, got {tuple(labels.shape)}")
             tensors["labels"], label_kind = _as_cpu(labels, torch.float32), "soft"
+            tensors["soft_labels"] = torch.softmax(tensors["labels"], 1).contiguous()
         else:
             if labels.shape != (n,):
                 raise FedLatentError(f"hard labels must have shape [{n}], got {tuple(labels.shape)}")
@@ -152,6 +165,12 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
         if t.shape[0] != n:
             raise FedLatentError(f"latent {name!r} has {t.shape[0]} rows for {n} images")
         tensors[name] = _as_cpu(t, torch.float32)
+    if lr is not None:
+        if not math.isfinite(float(lr)):
+            raise FedLatentError(f"lr must be finite, got {lr}")
+        tensors["lr"] = torch.tensor([float(lr)], dtype=torch.float32)
+    if loss_history is not None:
+        tensors["loss_history"] = torch.tensor([float(v) for v in loss_history], dtype=torch.float32)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dataset": str(dataset),
         "class_names": json.dumps([str(s) for s in class_names]), "mean": json.dumps([float(v) for v in mean]),
@@ -159,9 +178,9 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
         "label_kind": label_kind, "generator": generator or "", "generator_sha256": generator_sha256 or "",
         "latent_space": str(latent_space), "ipc": "" if ipc is None else str(int(ipc)),
         "seed": "" if seed is None else str(int(seed)), "fedlatent_version": __version__,
-        "extra": json.dumps(dict(extra or {}), default=str),
+        "extra": json.dumps(dict(extra or {}), default=str, sort_keys=True),
     }
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    save_safetensors(path, tensors, meta)  # canonical header: same content, same bytes
     return path
 
 
@@ -224,6 +243,9 @@ def load_distilled(path: str | os.PathLike) -> tuple[DistilledDataset, dict[str,
     from safetensors.torch import load_file
 
     p = Path(path)
+    legacy = _legacy_kind(p)
+    if legacy is not None:
+        return _load_legacy(p, legacy)
     meta = _decode_meta(p, read_metadata(p))
     try:
         t = load_file(str(p))
@@ -273,7 +295,69 @@ def load_distilled(path: str | os.PathLike) -> tuple[DistilledDataset, dict[str,
     for name, v in latents.items():
         if v.shape[0] != n:
             raise _bad(p, f"latent {name!r} has {v.shape[0]} rows for {n} images")
-    ds = DistilledDataset(x, labels, meta, clients=t.get("clients"), rounds=t.get("rounds"), latents=latents)
+    lr = t.get("lr")
+    if lr is not None and (lr.numel() != 1 or not torch.isfinite(lr).all()):
+        raise _bad(p, f"'lr' must be one finite number, got shape {tuple(lr.shape)}")
+    hist = t.get("loss_history")
+    ds = DistilledDataset(x, labels, meta, clients=t.get("clients"), rounds=t.get("rounds"), latents=latents,
+                          lr=None if lr is None else float(lr.reshape(())),
+                          loss_history=None if hist is None else hist.tolist())
+    return ds, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of earlier versions
+
+
+def _legacy_kind(p: Path) -> str | None:
+    """"pseudo" (DynaFed ``fedlatent.dynafed.pseudo/1``), "pixels" (the untagged pixel-MTT file) or None."""
+    from safetensors import safe_open
+
+    if not p.is_file():
+        return None
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw, keys = dict(f.metadata() or {}), set(f.keys())
+    except Exception:  # noqa: BLE001 - not readable: read_metadata reports it
+        return None
+    if raw.get("format") == LEGACY_PSEUDO_FORMAT:
+        return "pseudo"
+    if "format" not in raw and {"images", "labels", "lr"} <= keys and {"dataset", "arch", "mean", "std"} <= set(raw):
+        return "pixels"
+    return None
+
+
+def _load_legacy(p: Path, kind: str) -> tuple[DistilledDataset, dict[str, Any]]:
+    """A file of an earlier version as a :class:`DistilledDataset` with the current metadata keys."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+        if kind == "pseudo":
+            info = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        else:
+            info = {"dataset": raw["dataset"], "arch": raw["arch"], "zca": raw.get("zca") == "True",
+                    "mean": json.loads(raw["mean"]), "std": json.loads(raw["std"])}
+    except Exception as e:  # noqa: BLE001
+        raise _bad(p, f"unreadable file of an earlier fedlatent version ({type(e).__name__}: {e})") from None
+    x = t["images"].float()
+    labels = t["label_logits"].float() if kind == "pseudo" else t["labels"].long()
+    k = int(labels.shape[1]) if kind == "pseudo" else int(labels.max()) + 1 if len(labels) else 1
+    c = int(x.shape[1])
+    names = info.get("class_names") or [str(i) for i in range(k)]
+    mean = info.get("mean") or [0.0] * c
+    std = info.get("std") or [1.0] * c
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dataset": str(info.get("dataset", "")),
+            "class_names": list(names), "mean": list(mean), "std": list(std), "image_encoding": ENCODINGS[0],
+            "label_kind": "soft" if kind == "pseudo" else "hard", "generator": "", "generator_sha256": "",
+            "latent_space": "pixel", "ipc": info.get("ipc"), "seed": info.get("seed"), "fedlatent_version": "",
+            "extra": {"legacy_format": LEGACY_PSEUDO_FORMAT if kind == "pseudo" else "pixel-mtt", **info}}
+    hist = t.get("synthesis_loss")
+    ds = DistilledDataset(x, labels, meta, lr=float(t["lr"].reshape(-1)[0]),
+                          loss_history=None if hist is None else hist.tolist())
     return ds, meta
 
 

@@ -6,14 +6,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-
-class FedLatentError(RuntimeError):
-    """An error caused by user input or files; the CLI prints its message on one line and exits 2."""
+from .errors import DivergedError, FedLatentError  # noqa: F401 - re-exported (fedlatent.utils.FedLatentError)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +68,37 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes, with a canonical header: the same tensors and metadata give the same bytes.
+
+    ``safetensors`` writes the ``__metadata__`` entries in the iteration order of a Rust ``HashMap``, which is
+    randomised per map, so two saves of the same content differ in their header bytes (safetensors issue #584).
+    The header is rewritten here with the metadata keys sorted (tensor entries and data are kept as written:
+    they are already ordered by dtype alignment and name); the result is still a plain safetensors file.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data buffer to 8 bytes with trailing spaces
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` atomically (a crash leaves the previous file intact)."""
+    data = safetensors_bytes(tensors, metadata)
+    atomic_write(path, lambda p: Path(p).write_bytes(data))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

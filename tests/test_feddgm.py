@@ -304,7 +304,36 @@ def test_cli_distill_export_eval(tiny_run, tmp_path):
             "--surrogate", "convnet:width=8", "--model", "convnet:width=8", "--looped", "-O", "batch_size=64"]
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert r.output.strip().splitlines()[-1].startswith("feddgm: final accuracy")
+    assert any(line.startswith("feddgm: final accuracy") for line in r.output.splitlines())
+    assert "feddgm summary" in r.output and str(tmp_path / "cli" / "distilled.safetensors") in r.output
     assert (tmp_path / "cli" / "distilled.safetensors").is_file()
     r = runner.invoke(main, ["distill", "--out", str(tmp_path / "x"), "--generator", "nope", "--no-progress"])
     assert r.exit_code == 2 and "unknown generator" in r.output
+
+
+def test_given_partitions_follow_the_public_split_exclusion():
+    """Partitions handed over with the data index the full training set; dropping the generator's public split
+    renumbers them to the kept images and leaves the public ones out (no stale indices)."""
+    import numpy as np
+
+    from fedlatent.apps.distill import private_training_data
+    from fedlatent.data import load_dataset
+    from fedlatent.data.hf import PARTITIONS_KEY
+
+    data = load_dataset("digits", resize=16)
+    n = len(data.y_train)
+    parts = [np.arange(0, n, 2), np.arange(1, n, 2)]
+    data.extra[PARTITIONS_KEY] = parts
+    out, info = private_training_data(data, "digits")
+    assert info["excluded"] > 0
+    new = out.extra[PARTITIONS_KEY]
+    assert sum(len(p) for p in new) == len(out.y_train)
+    assert sorted(np.concatenate(new).tolist()) == list(range(len(out.y_train)))
+    from fedlatent.generators.train import private_split_indices
+
+    keep = private_split_indices(n, float(info["fraction"]), int(info["seed"]))
+    pos = {int(k): j for j, k in enumerate(keep)}
+    for old, p in zip(parts, new):  # the same images, in the kept set's numbering
+        assert p.tolist() == [pos[int(i)] for i in old if int(i) in pos]
+        kept_old = torch.tensor([int(i) for i in old if int(i) in pos])
+        assert torch.equal(out.x_train[torch.from_numpy(p)], data.x_train[kept_old])

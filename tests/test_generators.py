@@ -314,6 +314,7 @@ def test_cli_pretrain_and_list(tmp_path, monkeypatch):
     entry = json.loads((tmp_path / "MANIFEST.json").read_text())["models"]["d"]
     assert entry["sha256"] == sha256_file(out) and entry["public_split"]["seed"] == 2
     assert entry["resolution"] == 16 and entry["num_layers"] == 6 and "pretrain" in entry["command"]
+    assert "pretrain summary" in r.output and "d.safetensors" in r.output and "MANIFEST.json" in r.output
     r = CliRunner().invoke(main, ["pretrained", "list"])
     assert r.exit_code == 0 and "d " in r.output
     r = CliRunner().invoke(main, ["pretrained", "fetch", "nope"])

@@ -25,7 +25,7 @@ from fedlatent.utils import FedLatentError
 
 FEDDGM_TINY = dict(clients=4, participation=1.0, rounds=2, local_epochs=1, batch_size=64, model="convnet:width=8",
                    surrogate="convnet:width=8", ipc=1, iterations=2, syn_steps=2, train_epochs=1, seed=3,
-                   batched=False, progress=False)
+                   batched=False, progress=False, baseline="none")  # these tests are about the backends
 
 
 @pytest.fixture(autouse=True)

@@ -103,6 +103,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, monkeypatch):
     a = load_file(str(tmp_path / "run" / "distilled.safetensors"))
     b = load_file(str(tmp_path / "ref" / "distilled.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run" / "distilled.safetensors").read_bytes() == (tmp_path / "ref" / "distilled.safetensors").read_bytes()
     assert res.final_accuracy == ref.final_accuracy
     assert (tmp_path / "run" / "grid_round3.png").is_file() and (tmp_path / "run" / "report.md").is_file()
 

@@ -3,9 +3,13 @@
 * :mod:`.augment` -- differentiable siamese augmentation (replayable) and ZCA whitening;
 * :mod:`.kernels` -- per-step gradient and R-operator (autograd, hand-written ConvNet);
 * :mod:`.mtt` -- plans, the student step, the trajectory loss, exact/unrolled meta-gradients;
-* :mod:`.distiller` -- the optimisation loop over any SyntheticSet and expert segments;
+* :mod:`.distiller` -- the optimisation loop over any SyntheticSet and expert segments (``compute`` + ``apply``);
+* :mod:`.batched` -- several clients' iterations, looped or as one batched computation, with a memory budget;
+* :mod:`.samplers` -- expert-trajectory segments (MTT, DynaFed);
+* :mod:`.pool` -- per-client distilled sets pooled with provenance (FedDGM's server side);
+* :mod:`.global_trajectory` -- DynaFed's synthesis of a soft-labelled pseudo set from the global trajectory;
 * :mod:`.experts` -- expert trajectories (train, save, load);
-* :mod:`.pixels` -- pixel-space distillation and evaluation.
+* :mod:`.pixels` -- pixel-space distillation and evaluation, and the ``fedlatent distill-pixels`` pipeline.
 """
 from .augment import DSA, ZCA, DSAParams
 from .distiller import DistillConfig, Distiller, TrajectorySampler

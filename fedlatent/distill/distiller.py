@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..models.functional import FlatModel
 from ..synthetic import SyntheticSet
-from ..utils import FedLatentError, derive_seed, numpy_rng
+from ..errors import DivergedError, FedLatentError
+from ..utils import derive_seed
 from .augment import DEFAULT_STRATEGY, DSA
 from .kernels import make_kernel
-from .mtt import make_plan, meta_gradient
-
-Segment = tuple[torch.Tensor, torch.Tensor]
-
+from .mtt import MetaGrad, make_plan, meta_gradient
+from .samplers import Segment, TrajectorySampler  # noqa: F401 - TrajectorySampler re-exported (old path)
 
 @dataclass
 class DistillConfig:
@@ -46,7 +45,7 @@ class DistillConfig:
     lr_teacher: float = 0.01  # initial student lr
     momentum: float = 0.5
     mode: str = "exact"  # exact | unrolled
-    engine: str = "auto"  # auto | convnet | autograd
+    engine: str = "auto"  # auto | convnet | convnet-bf16 (bf16 convolutions) | autograd
     dsa: bool = True
     dsa_strategy: str = DEFAULT_STRATEGY
     dsa_siamese: bool = True
@@ -66,47 +65,6 @@ class DistillConfig:
         for k in ("lr_img", "lr_lr", "lr_label"):
             if getattr(self, k) < 0:
                 raise FedLatentError(f"{k} must be >= 0, got {getattr(self, k)}")
-
-
-class TrajectorySampler:
-    """Segments of expert trajectories (each a sequence of flat parameter snapshots, one per epoch).
-
-    MTT: pick an expert uniformly, ``start`` uniform in ``[min_start, min(max_start_epoch, T - M))``,
-    target = snapshot ``start + M`` (M = ``expert_epochs``). DynaFed (``average=(lo, hi)``): the
-    target is the mean of ``k ~ U{lo..hi}`` snapshots drawn with replacement from
-    ``start+1 .. start+M``. Seeded: ``sampler(it)`` is a function of (seed, it).
-    """
-
-    def __init__(self, trajectories: Sequence[Sequence[torch.Tensor] | torch.Tensor], expert_epochs: int,
-                 max_start_epoch: int, seed: int = 0, min_start_epoch: int = 0,
-                 average: tuple[int, int] | None = None):
-        if not trajectories:
-            raise FedLatentError("no expert trajectories given")
-        self.trajectories = trajectories
-        self.M, self.seed, self.average = int(expert_epochs), int(seed), average
-        lengths = [len(t) for t in trajectories]
-        self.hi = [min(int(max_start_epoch), n - self.M) for n in lengths]
-        self.lo = int(min_start_epoch)
-        for i, (n, hi) in enumerate(zip(lengths, self.hi)):
-            if hi <= self.lo:
-                raise FedLatentError(
-                    f"expert trajectory {i} has {n} snapshots: too short for expert_epochs={self.M} "
-                    f"starting at epoch >= {self.lo} (needs at least {self.lo + self.M + 1})")
-        if average is not None and not 1 <= average[0] <= average[1]:
-            raise FedLatentError(f"target averaging range must be 1 <= lo <= hi, got {average}")
-
-    def __call__(self, it: int) -> Segment:
-        rng = numpy_rng(self.seed, "segment", it)
-        e = int(rng.integers(len(self.trajectories)))
-        traj = self.trajectories[e]
-        start = int(rng.integers(self.lo, self.hi[e]))
-        theta_start = traj[start]
-        if self.average is None:
-            return theta_start, traj[start + self.M]
-        k = int(rng.integers(self.average[0], self.average[1] + 1))
-        picks = rng.integers(start + 1, start + self.M + 1, size=k)
-        target = torch.stack([traj[int(j)] for j in picks]).mean(0)
-        return theta_start, target
 
 
 @dataclass
@@ -162,16 +120,23 @@ class Distiller:
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_img, self.opt_lr, self.opt_label) if o is not None]
 
-    def step(self) -> IterationLog:
-        """One MTT iteration. On a non-finite loss, gradient or update the synthetic set, lr and
-        labels are restored to their last good values and a :class:`FedLatentError` is raised."""
+    def compute(self) -> MetaGrad:
+        """The meta-gradient of the current iteration (MTT eqs. 1-2): this iteration's expert segment, the
+        rendered set and the seeded step plan; nothing is updated (:meth:`apply` does that)."""
         cfg, it = self.config, self.it
         theta_start, theta_target = self.sampler(it)
         images = self.synthetic.render()
         plan = make_plan(images.shape[0], cfg.syn_steps, self.batch_syn, derive_seed(cfg.seed, "mtt-iter", it),
                          augment=self.augment is not None)
-        res = meta_gradient(self.flat, theta_start.to(images), theta_target.to(images), images, self.labels.detach(),
-                            self.log_lr.detach(), plan, self.augment, mode=cfg.mode, engine=cfg.engine)
+        return meta_gradient(self.flat, theta_start.to(images), theta_target.to(images), images, self.labels.detach(),
+                             self.log_lr.detach(), plan, self.augment, mode=cfg.mode, engine=cfg.engine)
+
+    def apply(self, res: MetaGrad) -> IterationLog:
+        """Step the optimisers with a meta-gradient (from :meth:`compute` or a batched computation, see
+        :mod:`fedlatent.distill.batched`): zero grads, ``synthetic.backward(dX)``, ``d log_lr`` (and the soft
+        labels' gradient), optimiser steps. A non-finite result restores the set, lr, labels and optimiser
+        states to their last good values and raises :class:`DivergedError`."""
+        it = self.it
         saved = [p.detach().clone() for p in self._params()]
         opt_states = [{k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                        for k, v in o.state.items()} for o in self._optimizers()]
@@ -190,12 +155,17 @@ class Distiller:
             for o, st in zip(self._optimizers(), opt_states):
                 o.state.clear()
                 o.state.update(st)
-            raise FedLatentError(f"iteration {it}: the update made the synthetic set non-finite (lower lr_img); "
-                                 "restored the last good set")
+            raise DivergedError(f"iteration {it}: the update made the synthetic set non-finite (lower lr_img); "
+                                "restored the last good set")
         log = IterationLog(it, res.loss, self.lr, res.param_dist)
         self.history.append(log)
         self.it += 1
         return log
+
+    def step(self) -> IterationLog:
+        """One MTT iteration, ``apply(compute())``. On a non-finite loss, gradient or update the synthetic set,
+        lr and labels are restored to their last good values and a :class:`DivergedError` is raised."""
+        return self.apply(self.compute())
 
     def run(self, iterations: int, progress: bool = True, callback: Callable[[IterationLog], None] | None = None
             ) -> list[IterationLog]:

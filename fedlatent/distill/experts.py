@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data import ImageData
 from ..models import get_model
 from ..models.functional import FlatModel
-from ..utils import FedLatentError, atomic_write, derive_seed, torch_generator
+from ..errors import DivergedError, FedLatentError
+from ..train import fit
+from ..utils import derive_seed, save_safetensors, torch_generator
 from .augment import DSA
 
 
@@ -47,30 +48,30 @@ def train_experts(model_name: str, data: ImageData, num_experts: int, epochs: in
         snaps = [flat.flatten()]
         model.train()
         bar = tqdm(range(epochs), desc=f"expert {e + 1}/{num_experts}", disable=not progress, leave=False)
-        for ep in bar:
-            perm = torch.randperm(len(x), generator=gen)
-            for b, i in enumerate(range(0, len(x), batch_size)):
-                idx = perm[i : i + batch_size]
-                xb = augment(x[idx], derive_seed(seed, "expert-aug", e, ep, b))
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        last: list[torch.Tensor] = []
+
+        def keep(loss: torch.Tensor, _n: int) -> None:
+            last[:] = [loss]  # the epoch's last minibatch loss, checked below
+
+        def end_of_epoch(ep: int, e: int = e) -> None:
+            loss = last[-1]
             if not torch.isfinite(loss.detach()):
-                raise FedLatentError(f"expert {e} diverged at epoch {ep} (loss {float(loss)}); lower the lr")
+                raise DivergedError(f"expert {e} diverged at epoch {ep} (loss {float(loss)}); lower the lr")
             bar.set_postfix(loss=f"{loss.item():.3f}")
             snaps.append(flat.flatten())
+
+        fit(model, x, y, opt, epochs=bar, batch_size=batch_size, generator=gen, augment=augment,
+            augment_seed=lambda ep, b, e=e: derive_seed(seed, "expert-aug", e, ep, b),
+            on_step=keep, on_epoch_end=end_of_epoch)
         trajectories.append(torch.stack(snaps))
     return trajectories
 
 
 def save_experts(path: str | Path, trajectories: list[torch.Tensor], meta: dict | None = None) -> None:
     """Save trajectories (list of [T, P] tensors) as safetensors with JSON metadata."""
-    from safetensors.torch import save_file
-
     tensors = {f"expert_{i:04d}": t.detach().contiguous().cpu() for i, t in enumerate(trajectories)}
     md = {"format": "fedlatent-experts-v1", "meta": json.dumps(meta or {})}
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=md))
+    save_safetensors(path, tensors, md)
 
 
 def load_experts(path: str | Path) -> tuple[list[torch.Tensor], dict]:

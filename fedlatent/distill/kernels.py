@@ -106,13 +106,38 @@ class ConvNetKernel:
 
     name = "convnet"
 
-    def __init__(self, flat: FlatModel, channels_last: bool = True):
+    def __init__(self, flat: FlatModel, channels_last: bool = True, groups: int = 1,
+                 conv_dtype: torch.dtype | None = None):
         blocks = self.parse(flat.model)
         if blocks is None:
             raise ValueError("model is not a supported ConvNet")
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         self.flat, self.blocks = flat, blocks
         self.fc_w, self.fc_b = "classifier.weight", "classifier.bias"
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.G = int(groups)
+        # mixed precision: the convolutions' operands in conv_dtype (e.g. bfloat16, fp32 accumulation in oneDNN /
+        # cuDNN), every other tensor (norms, softmax, the flat vectors) in the caller's dtype
+        self.cdt = conv_dtype
+
+    def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.cdt is None or self.cdt == x.dtype:
+            return F.conv2d(x, W, b, padding=1, groups=self.G)
+        z = F.conv2d(x.to(self.cdt), W.to(self.cdt), None, padding=1, groups=self.G).to(x.dtype)
+        return z if b is None else z.add_(b.view(1, -1, 1, 1))
+
+    def _conv_bwd(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mask: list[bool]):
+        """(d input, d weight, d bias) of the 3x3 pad-1 convolution, as ``mask`` asks."""
+        if self.cdt is None or self.cdt == x.dtype:
+            return torch.ops.aten.convolution_backward(grad, x, W, [W.shape[0]] if mask[2] else None, [1, 1], [1, 1],
+                                                       [1, 1], False, [0, 0], self.G, mask)
+        dt = x.dtype
+        gi, gw, _ = torch.ops.aten.convolution_backward(grad.to(self.cdt), x.to(self.cdt), W.to(self.cdt), None,
+                                                        [1, 1], [1, 1], [1, 1], False, [0, 0], self.G,
+                                                        [mask[0], mask[1], False])
+        return (None if gi is None else gi.to(dt), None if gw is None else gw.to(dt),
+                grad.sum((0, 2, 3)) if mask[2] else None)
 
     @staticmethod
     def parse(model: nn.Module) -> list[_Block] | None:
@@ -163,7 +188,60 @@ class ConvNetKernel:
         return torch.ops.aten.avg_pool2d_backward(grad, like, [2, 2], [2, 2], [0, 0], False, True, None)
 
     def _flatten_grads(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([grads[n].reshape(-1) for n in self.flat.names])
+        if self.G == 1:
+            return torch.cat([grads[n].reshape(-1) for n in self.flat.names])
+        return torch.cat([grads[n].reshape(self.G, -1) for n in self.flat.names], 1)
+
+    # -- the grouped layout (G students as one network) ---------------------------------------------
+    # Student k's channel c of a feature map is channel k C + c of one map [B, G C, H, W]: convolutions are
+    # grouped (groups = G), instance norm, ReLU and pooling act per channel anyway, and the classifier is a
+    # batched matmul over [G, B, F]. The loss is the sum of the G students' losses: its gradient and Hessian are
+    # block-diagonal, so each block is exactly the single student's.
+    def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.G == 1:
+            return self.flat.params(theta)
+        G = self.G
+        if theta.shape != (G, self.flat.numel):
+            raise ValueError(f"grouped kernel needs [{G}, {self.flat.numel}] parameters, got {tuple(theta.shape)}")
+        out, i = {}, 0
+        for n, sh, k in zip(self.flat.names, self.flat.shapes, self.flat.numels):
+            t = theta[:, i: i + k]
+            out[n] = t.reshape(G, *sh) if n in (self.fc_w, self.fc_b) else t.reshape(G * sh[0], *sh[1:])
+            i += k
+        return out
+
+    def _cat_ch(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Channel concatenation per group: [a_k, b_k] for every student k."""
+        if self.G == 1:
+            return torch.cat([a, b], 1)
+        B, _, H, W = a.shape
+        return torch.cat([a.view(B, self.G, -1, H, W), b.view(B, self.G, -1, H, W)], 2).view(B, -1, H, W)
+
+    def _cat_out(self, W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """Output-channel concatenation of two grouped weights, per group."""
+        if self.G == 1:
+            return torch.cat([W, U], 0)
+        return torch.cat([W.view(self.G, -1, *W.shape[1:]), U.view(self.G, -1, *U.shape[1:])], 1).view(
+            -1, *W.shape[1:])
+
+    def _feat(self, a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(1) if self.G == 1 else a.reshape(a.shape[0], self.G, -1).transpose(0, 1)
+
+    def _unfeat(self, d: torch.Tensor, shape) -> torch.Tensor:
+        return self._cl(d.view(shape) if self.G == 1 else d.transpose(0, 1).reshape(shape))
+
+    def _to_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """[G, B, C, H, W] -> [B, G C, H, W] (grouped); unchanged for one student."""
+        if self.G == 1:
+            return x
+        G, B = x.shape[:2]
+        return x.transpose(0, 1).reshape(B, G * x.shape[2], *x.shape[3:])
+
+    def _from_maps(self, d: torch.Tensor) -> torch.Tensor:
+        if self.G == 1:
+            return d
+        B, GC, H, W = d.shape
+        return d.view(B, self.G, GC // self.G, H, W).transpose(0, 1)
 
     # -- forward + backward ----------------------------------------------------------------------
     def forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
@@ -176,12 +254,13 @@ class ConvNetKernel:
         Instance norm backward, per (sample, channel) over the H*W positions:
         ``dz = rs * gamma * (dn - mean(dn) - xh * mean(xh dn))`` with ``rs = 1/sigma``.
         """
-        P = self.flat.params(theta.detach())
-        a = self._cl(x.detach())
+        P = self._params(theta.detach())
+        G = self.G
+        a = self._cl(self._to_maps(x.detach()))
         layers: list[dict] = []
         for blk in self.blocks:
             W = P[blk.w]
-            z = F.conv2d(a, W, P[blk.b], padding=1)
+            z = self._conv(a, W, P[blk.b])
             B, C, H, Wd = z.shape
             L = {"a": a}
             if blk.gamma is not None:
@@ -195,26 +274,34 @@ class ConvNetKernel:
             r = torch.relu(n)
             a = F.avg_pool2d(r, 2) if blk.pool else r
             layers.append(L)
-        feat = a.flatten(1)
+        feat = self._feat(a)
         Wfc, bfc = P[self.fc_w], P[self.fc_b]
-        logits = torch.addmm(bfc, feat, Wfc.t())
-        B = logits.shape[0]
-        logp = torch.log_softmax(logits, 1)
+        if G == 1:
+            logits = torch.addmm(bfc, feat, Wfc.t())
+        else:
+            logits = torch.baddbmm(bfc.unsqueeze(1), feat, Wfc.transpose(1, 2))
+        B = logits.shape[-2]
+        logp = torch.log_softmax(logits, -1)
         p = logp.exp()
         if labels.dtype.is_floating_point:
-            q = torch.softmax(labels.detach(), 1)
-            loss = -(q * logp).sum(1).mean()
+            q = torch.softmax(labels.detach(), -1)
+            loss = -(q * logp).sum(-1).mean(-1)
             dlogits = (p - q) / B
         else:
             q = None
-            loss = F.nll_loss(logp, labels)
             dlogits = p.clone()
-            dlogits[torch.arange(B, device=p.device), labels] -= 1.0
+            if G == 1:
+                loss = F.nll_loss(logp, labels)
+                dlogits[torch.arange(B, device=p.device), labels] -= 1.0
+            else:
+                idx = labels.unsqueeze(-1)
+                loss = -logp.gather(-1, idx).squeeze(-1).mean(-1)
+                dlogits.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=p.dtype, device=p.device))
             dlogits /= B
         grads: dict[str, torch.Tensor] = {}
         if need_grad:
-            grads = {self.fc_w: dlogits.t() @ feat, self.fc_b: dlogits.sum(0)}
-        da = self._cl((dlogits @ Wfc).view(a.shape))
+            grads = {self.fc_w: dlogits.transpose(-1, -2) @ feat, self.fc_b: dlogits.sum(-2)}
+        da = self._unfeat(dlogits @ Wfc, a.shape)
         for li in range(len(self.blocks) - 1, -1, -1):
             blk, L = self.blocks[li], layers[li]
             L["dout"] = da
@@ -238,9 +325,7 @@ class ConvNetKernel:
             L["dz"] = None if lean else dz  # lean: recomputed in rop from dout (3-4 elementwise passes)
             W = P[blk.w]
             if li > 0 or need_grad:
-                gin, gw, gb = torch.ops.aten.convolution_backward(
-                    dz, L["a"], W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                    [li > 0, need_grad, need_grad])
+                gin, gw, gb = self._conv_bwd(dz, L["a"], W, [li > 0, need_grad, need_grad])
                 if need_grad:
                     grads[blk.w], grads[blk.b] = gw, gb
                 da = gin
@@ -262,18 +347,18 @@ class ConvNetKernel:
         tangent ``dz' = rs [gamma P(dn') + gamma' P(dn) - gamma (xh' mean(xh dn) + xh mean(xh' dn))]
         - k rs dz``. ReLU's second derivative is zero almost everywhere: its tangent is its mask.
         """
-        P = self.flat.params(cache["theta"])
-        U = self.flat.params(u.detach().to(cache["theta"].dtype))
+        P = self._params(cache["theta"])
+        U = self._params(u.detach().to(cache["theta"].dtype))
+        G = self.G
         layers = cache["layers"]
         adot = None
         for li, blk in enumerate(self.blocks):
             L = layers[li]
             a_in, n = L["a"], L["n"]
             if adot is None:
-                zdot = F.conv2d(a_in, U[blk.w], U[blk.b], padding=1)
+                zdot = self._conv(a_in, U[blk.w], U[blk.b])
             else:  # conv(adot, W) + conv(a, U_W) as one convolution over stacked input channels
-                zdot = F.conv2d(self._cl(torch.cat([adot, a_in], 1)), torch.cat([P[blk.w], U[blk.w]], 1), U[blk.b],
-                                padding=1)
+                zdot = self._conv(self._cl(self._cat_ch(adot, a_in)), torch.cat([P[blk.w], U[blk.w]], 1), U[blk.b])
             L["adot_in"] = adot
             if blk.gamma is not None:
                 xh, rs = L["xh"], L["rs"]
@@ -289,21 +374,22 @@ class ConvNetKernel:
             del ndot
             adot = F.avg_pool2d(rdot, 2) if blk.pool else rdot
         feat, p, q, dlogits = cache["feat"], cache["p"], cache["q"], cache["dlogits"]
-        B = p.shape[0]
+        B = p.shape[-2]
         Wfc = P[self.fc_w]
-        featdot = adot.flatten(1)
-        ldot = featdot @ Wfc.t() + feat @ U[self.fc_w].t() + U[self.fc_b]
-        pdot = p * (ldot - (p * ldot).sum(1, keepdim=True))
+        featdot = self._feat(adot)
+        ub = U[self.fc_b] if G == 1 else U[self.fc_b].unsqueeze(1)
+        ldot = featdot @ Wfc.transpose(-1, -2) + feat @ U[self.fc_w].transpose(-1, -2) + ub
+        pdot = p * (ldot - (p * ldot).sum(-1, keepdim=True))
         dlogits_dot = pdot / B
         dlab = None
         if q is not None:  # d s / d label_logits through q = softmax(labels): ds/dq = -ldot / B
             w = -ldot / B
-            dlab = q * (w - (q * w).sum(1, keepdim=True))
+            dlab = q * (w - (q * w).sum(-1, keepdim=True))
         grads: dict[str, torch.Tensor] = {}
         if need_theta:
-            grads[self.fc_w] = dlogits_dot.t() @ feat + dlogits.t() @ featdot
-            grads[self.fc_b] = dlogits_dot.sum(0)
-        dadot = self._cl((dlogits_dot @ Wfc + dlogits @ U[self.fc_w]).view(cache["a_last_shape"]))
+            grads[self.fc_w] = dlogits_dot.transpose(-1, -2) @ feat + dlogits.transpose(-1, -2) @ featdot
+            grads[self.fc_b] = dlogits_dot.sum(-2)
+        dadot = self._unfeat(dlogits_dot @ Wfc + dlogits @ U[self.fc_w], cache["a_last_shape"])
         for li in range(len(self.blocks) - 1, -1, -1):
             blk, L = self.blocks[li], layers[li]
             a_in, n, dz, adot_in = L["a"], L["n"], L["dz"], L["adot_in"]
@@ -336,27 +422,22 @@ class ConvNetKernel:
             W, UW = P[blk.w], U[blk.w]
             if need_theta:
                 if adot_in is None:
-                    _, gw, gb = torch.ops.aten.convolution_backward(
-                        dzdot, a_in, W, [W.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True])
+                    _, gw, gb = self._conv_bwd(dzdot, a_in, W, [False, True, True])
                 else:  # corr(adot, dz) + corr(a, dzdot) as one weight gradient over a doubled batch
-                    _, gw, _ = torch.ops.aten.convolution_backward(
-                        torch.cat([dz, dzdot], 0), torch.cat([adot_in, a_in], 0), W, None, [1, 1], [1, 1], [1, 1],
-                        False, [0, 0], 1, [False, True, False])
+                    _, gw, _ = self._conv_bwd(torch.cat([dz, dzdot], 0), torch.cat([adot_in, a_in], 0), W,
+                                              [False, True, False])
                     gb = dzdot.sum((0, 2, 3))
                 grads[blk.w], grads[blk.b] = gw, gb
             # input tangent: convT(dzdot, W) + convT(dz, U_W)
             if li == 0:  # 3-channel output: two calls beat stacking two large maps
-                gin = torch.ops.aten.convolution_backward(
-                    dzdot, a_in, W, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-                gin += torch.ops.aten.convolution_backward(
-                    dz, a_in, UW, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+                gin = self._conv_bwd(dzdot, a_in, W, [True, False, False])[0]
+                gin += self._conv_bwd(dz, a_in, UW, [True, False, False])[0]
             else:
-                gin = torch.ops.aten.convolution_backward(
-                    torch.cat([dzdot, dz], 1), a_in, torch.cat([W, UW], 0), None, [1, 1], [1, 1], [1, 1], False,
-                    [0, 0], 1, [True, False, False])[0]
+                gin = self._conv_bwd(self._cl(self._cat_ch(dzdot, dz)), a_in, self._cat_out(W, UW),
+                                     [True, False, False])[0]
             dadot = gin
         hu = self._flatten_grads(grads) if need_theta else None
-        return hu, dadot, dlab
+        return hu, self._from_maps(dadot), dlab
 
 
 def _convnet_forward():
@@ -365,18 +446,24 @@ def _convnet_forward():
     return ConvNet.forward
 
 
+#: engine name -> the convolutions' operand dtype of the ConvNet kernel (None: the inputs' dtype)
+CONV_DTYPES = {"auto": None, "convnet": None, "convnet-bf16": torch.bfloat16}
+
+
 def make_kernel(flat: FlatModel, engine: str = "auto"):
-    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet' or 'autograd'."""
+    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (the
+    ConvNet kernel with bfloat16 convolution operands, fp32 accumulation and everything else in the inputs'
+    dtype; AVX-512-BF16 / AMX CPUs and recent GPUs run these much faster) or 'autograd'."""
     from ..utils import FedLatentError
 
-    if engine not in ("auto", "convnet", "autograd"):
-        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, autograd)")
+    if engine not in ("auto", "convnet", "convnet-bf16", "autograd"):
+        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, convnet-bf16, autograd)")
     if engine == "autograd":
         return AutogradKernel(flat)
     if ConvNetKernel.supports(flat.model):
-        return ConvNetKernel(flat)
-    if engine == "convnet":
-        raise FedLatentError(f"the 'convnet' engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
+        return ConvNetKernel(flat, conv_dtype=CONV_DTYPES[engine])
+    if engine.startswith("convnet"):
+        raise FedLatentError(f"the {engine!r} engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
                              f"got {type(flat.model).__name__}")
     return AutogradKernel(flat)
 

@@ -39,7 +39,8 @@ from torch import nn
 
 from .. import ops
 from ..models.functional import FlatModel
-from ..utils import FedLatentError, derive_seed, torch_generator
+from ..errors import DivergedError, FedLatentError
+from ..utils import derive_seed, torch_generator
 from .kernels import AutogradKernel, ConvNetKernel, make_kernel, student_loss
 
 Augment = Callable[[torch.Tensor, "int | None"], torch.Tensor]
@@ -160,7 +161,7 @@ def validate_inputs(flat: FlatModel, theta_start: torch.Tensor, theta_target: to
             raise FedLatentError(f"{name} parameters have shape {tuple(t.shape)}; the student "
                                  f"{type(flat.model).__name__} needs a flat vector of {flat.numel}")
         if not torch.isfinite(t).all():
-            raise FedLatentError(f"{name} parameters contain NaN/inf")
+            raise DivergedError(f"{name} parameters contain NaN/inf")
     if images.ndim != 4:
         raise FedLatentError(f"synthetic images must be [N, C, H, W], got shape {tuple(images.shape)}")
     if labels.shape[0] != images.shape[0]:
@@ -176,14 +177,14 @@ def validate_inputs(flat: FlatModel, theta_start: torch.Tensor, theta_target: to
     if not dist > 0:
         raise FedLatentError("start and target parameters are identical: the trajectory loss is undefined")
     if not torch.isfinite(images).all():
-        raise FedLatentError("synthetic images contain NaN/inf")
+        raise DivergedError("synthetic images contain NaN/inf")
     return dist
 
 
 def _check_finite(what: str, *ts: torch.Tensor) -> None:
     for t in ts:
         if t is not None and not torch.isfinite(t).all():
-            raise FedLatentError(f"non-finite {what} in trajectory matching (diverged: lower lr_img/lr_lr or the "
+            raise DivergedError(f"non-finite {what} in trajectory matching (diverged: lower lr_img/lr_lr or the "
                                  f"initial lr); the last good synthetic set is kept")
 
 
@@ -195,8 +196,8 @@ def meta_gradient(model: nn.Module | FlatModel, theta_start: torch.Tensor, theta
 
     ``images`` [N, C, H, W] (detached; the gradient is returned, not accumulated), ``labels``
     int [N] or soft-label logits [N, K], ``log_lr`` the log of the student step size.
-    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` 'auto' | 'convnet' | 'autograd'.
-    Raises :class:`FedLatentError` on bad input or a non-finite loss/gradient.
+    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` 'auto' | 'convnet' | 'convnet-bf16' | 'autograd'.
+    Raises :class:`FedLatentError` on bad input, :class:`DivergedError` on a non-finite loss/gradient.
     """
     flat = _as_flat(model)
     log_lr = torch.as_tensor(log_lr, dtype=images.dtype, device=images.device).detach().reshape(())

@@ -5,13 +5,14 @@
 * :func:`evaluate_synthetic` -- train fresh networks on the synthetic set only (DSA each batch, SGD
   momentum 0.9, weight decay 5e-4, lr divided by 10 after half the epochs, as the MTT reference's
   evaluation; lr = the learned lr) and report test accuracy mean +- std over seeds.
-* :func:`distill_pixels` -- the whole pipeline used by ``fedlatent distill-pixels``.
+* :func:`distill_pixels` -- distil and evaluate, given data and expert trajectories;
+* :func:`run_pixel_mtt` -- the whole pipeline ``fedlatent distill-pixels`` runs: per-class subsetting, ZCA,
+  experts (trained and cached in the output folder, or loaded), distillation, evaluation, and the output
+  folder (the distilled set in the one distilled-set format of :mod:`fedlatent.export`, a grid, metrics.json).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,10 +20,10 @@ import torch
 from ..data import ImageData
 from ..models import get_model
 from ..synthetic import PixelSet
+from ..train import evaluate, fit_on_set  # noqa: F401 - fit_on_set re-exported (old path)
 from ..utils import FedLatentError, derive_seed, numpy_rng, torch_generator
 from .augment import DSA
 from .distiller import DistillConfig, Distiller, TrajectorySampler
-from .kernels import student_loss
 
 
 def init_synthetic(data: ImageData, ipc: int, init: str = "real", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,45 +48,6 @@ def init_synthetic(data: ImageData, ipc: int, init: str = "real", seed: int = 0)
     return torch.cat(imgs).clone(), labels
 
 
-def fit_on_set(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, opt: torch.optim.Optimizer, *,
-               epochs: int, batch_size: int, augment: Callable[[torch.Tensor, int | None], torch.Tensor] | None,
-               generator: torch.Generator, on_epoch: Callable[[int], None] | None = None) -> float:
-    """Train ``model`` in place on a small (synthetic) set: ``epochs`` shuffled passes of ``opt`` over
-    minibatches, optionally augmented (DSA), with :func:`~fedlatent.distill.kernels.student_loss`
-    (hard int labels or soft-label logits).
-
-    The one training loop behind evaluating a distilled set, DynaFed's server fine-tuning and FedDGM's
-    server training on the pool. Shuffles and augmentation seeds come from ``generator``;
-    ``on_epoch(ep)`` runs before each epoch (e.g. an lr decay). Returns the mean minibatch loss (nan
-    when no step was taken).
-    """
-    n = int(x_all.shape[0])
-    if epochs <= 0 or n == 0:
-        return math.nan
-    device = next(model.parameters()).device
-    x_all, y_all = x_all.detach().to(device), y_all.detach().to(device)
-    was_training = model.training
-    model.train()
-    total, steps = 0.0, 0
-    for ep in range(epochs):
-        if on_epoch is not None:
-            on_epoch(ep)
-        order = torch.randperm(n, generator=generator).to(device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            x = x_all.index_select(0, idx)
-            if augment is not None:
-                x = augment(x, int(torch.randint(0, 2**62, (1,), generator=generator)))
-            loss = student_loss(model(x), y_all.index_select(0, idx))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    model.train(was_training)
-    return total / steps if steps else math.nan
-
-
 def train_on(images: torch.Tensor, labels: torch.Tensor, arch: str, data: ImageData, epochs: int, lr: float,
              seed: int, batch_size: int = 256, dsa: bool = True) -> torch.nn.Module:
     """Train a fresh ``arch`` on (images, labels) -- labels int or soft-label logits -- with SGD
@@ -107,12 +69,9 @@ def train_on(images: torch.Tensor, labels: torch.Tensor, arch: str, data: ImageD
     return net
 
 
-@torch.no_grad()
 def accuracy_on(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    net.eval()
-    correct = sum(int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    return correct / max(1, len(x))
+    """Top-1 accuracy of ``net`` on (x, y) (:func:`fedlatent.train.evaluate`)."""
+    return evaluate(net, x, y, batch_size)["accuracy"]
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, arch: str, data: ImageData, epochs: int = 300,
@@ -174,4 +133,85 @@ def distill_pixels(data: ImageData, trajectories: list[torch.Tensor], arch: str,
                        {"kernel": dist.kernel_name})
 
 
-__all__ = ["init_synthetic", "evaluate_synthetic", "train_on", "accuracy_on", "distill_pixels", "PixelResult"]
+def subset_per_class(data: ImageData, limit: int, seed: int) -> ImageData:
+    """At most ``limit`` training images per class, drawn from the stream (seed, "train-limit"), in index order."""
+    from dataclasses import replace
+
+    if limit < 1:
+        raise FedLatentError(f"--train-limit must be >= 1, got {limit}")
+    rng = numpy_rng(seed, "train-limit")
+    y = data.y_train.numpy()
+    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:limit] for c in range(data.num_classes)])
+    keep = torch.from_numpy(np.sort(keep))
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+
+
+def run_pixel_mtt(out_dir, *, dataset: str = "digits", data_root=None, arch: str = "convnet", ipc: int = 1,
+                  iterations: int = 100, config: DistillConfig | None = None, num_experts: int = 2,
+                  expert_train_epochs: int | None = None, experts_path=None, zca: bool = False, init: str = "real",
+                  train_limit: int | None = None, eval_epochs: int = 100, eval_seeds: int = 2,
+                  progress: bool = True) -> dict:
+    """Pixel MTT end to end into ``out_dir``; the Python API behind ``fedlatent distill-pixels``.
+
+    Loads ``dataset`` (at most ``train_limit`` training images per class: :func:`subset_per_class`), fits ZCA on
+    the training images when ``zca`` (saved as ``zca.safetensors``), loads the expert trajectories of
+    ``experts_path`` or trains ``num_experts`` (``expert_train_epochs``, default ``max_start_epoch +
+    expert_epochs``, lr ``lr_teacher``; cached as ``experts.safetensors``), runs :func:`distill_pixels` with
+    ``config`` and writes ``distilled.safetensors`` (the distilled-set format: images in the model's input
+    space - ZCA-whitened when ``zca`` - hard labels, the learned lr and the loss history; ``extra`` records
+    the method, architecture and ZCA), ``grid.png`` and ``metrics.json``. Returns the metrics dict.
+    """
+    import json
+    import time
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    from torchvision.utils import make_grid, save_image
+
+    from ..data import load_dataset
+    from ..export import save_distilled
+    from ..utils import atomic_write, atomic_write_text
+    from .augment import ZCA
+    from .experts import load_experts, save_experts, train_experts
+
+    cfg = config or DistillConfig()
+    seed = cfg.seed
+    out = Path(out_dir)
+    t0 = time.time()
+    data = load_dataset(dataset, root=data_root)
+    if train_limit is not None:
+        data = subset_per_class(data, train_limit, seed)
+    zca_t = None
+    if zca:
+        zca_t = ZCA().fit(data.x_train)
+        data = replace(data, x_train=zca_t(data.x_train), x_test=zca_t(data.x_test))
+        zca_t.save(out / "zca.safetensors")
+    if experts_path:
+        trajectories, meta = load_experts(experts_path)
+        if meta.get("zca", zca) != zca:
+            raise FedLatentError(f"{experts_path} was trained with zca={meta.get('zca')}, but --zca is {zca}")
+    else:
+        epochs = expert_train_epochs or (cfg.max_start_epoch + cfg.expert_epochs)
+        trajectories = train_experts(arch, data, num_experts, epochs, lr=cfg.lr_teacher,
+                                     seed=derive_seed(seed, "experts"), progress=progress)
+        save_experts(out / "experts.safetensors", trajectories,
+                     {"arch": arch, "dataset": dataset, "zca": zca, "epochs": epochs, "lr": cfg.lr_teacher})
+    res = distill_pixels(data, trajectories, arch, ipc, iterations, cfg, init=init, eval_epochs=eval_epochs,
+                         eval_seeds=tuple(range(eval_seeds)), progress=progress)
+    save_distilled(out / "distilled.safetensors", res.images, res.labels, dataset=dataset,
+                   class_names=list(data.classes), mean=data.mean, std=data.std, ipc=ipc, seed=seed,
+                   extra={"method": "mtt", "arch": arch, "zca": bool(zca)}, lr=res.lr, loss_history=res.history)
+    view = zca_t.inverse(res.images) if zca_t is not None else res.images
+    view = data.denormalize(view)
+    grid = make_grid(view, nrow=max(ipc, 1) if ipc <= 20 else 20, padding=1)
+    atomic_write(out / "grid.png", lambda p: save_image(grid, p, format="png"))
+    metrics = {"dataset": dataset, "arch": arch, "ipc": ipc, "n_images": len(res.images), "iterations": iterations,
+               "config": asdict(cfg),
+               "kernel": res.extra.get("kernel"), "learned_lr": res.lr, "loss_history": res.history,
+               "evaluation": res.evaluation, "num_experts": len(trajectories), "seconds": round(time.time() - t0, 1)}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+__all__ = ["init_synthetic", "evaluate_synthetic", "train_on", "accuracy_on", "distill_pixels", "PixelResult",
+           "subset_per_class", "run_pixel_mtt"]

@@ -6,7 +6,7 @@ Entry points: :func:`simulate` (load data, build a method, run, write a run fold
 from .base import (ClientData, FLConfig, FLContext, Strategy, Upload, available_methods, get_method,
                    register_method, tensor_bytes)
 from .aggregate import fedavg, fedprox_term
-from .fedavg import FedAvg, FedProx
+from .methods.fedavg import FedAvg, FedProx
 from .simulation import SimulationResult, client_schedule, clients_per_round, run_simulation, simulate
 
 __all__ = [

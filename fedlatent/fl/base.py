@@ -116,6 +116,8 @@ class FLConfig:
             bad("norm_factor must be > 1 and norm_cap > 0")
         if not 0.0 <= self.public_fraction < 1.0:
             bad(f"public_fraction must be in [0, 1), got {self.public_fraction}")
+        if not self.dp and (self.dp_noise is not None or self.dp_epsilon is not None):
+            bad("dp_noise / dp_epsilon need dp (--dp)")
         if self.dp and (self.dp_noise is None) == (self.dp_epsilon is None):
             bad("dp needs exactly one of dp_noise (noise multiplier) and dp_epsilon (target epsilon)")
         if not self.dp_clip > 0 or not 0 < self.dp_delta < 1 or (self.dp_noise or 0) < 0 or (self.dp_epsilon or 1) <= 0:
@@ -145,6 +147,7 @@ class FLContext:
     mean: tuple[float, ...] | None = None    # the dataset's normalisation (model input space)
     std: tuple[float, ...] | None = None
     run_dir: str | None = None                # the run folder (None: not writing one); for method artefacts
+    dataset: str | None = None                # the data set's name (artefact metadata)
 
     def arch_of(self, client_id: int) -> str:
         """The model spec of client ``client_id``."""
@@ -207,16 +210,24 @@ def tensor_bytes(tensors: TensorDict) -> int:
 class Strategy:
     """Base class of a federated method. Subclasses set ``name`` and override the hooks below.
 
-    Hyper-parameters are constructor arguments; :meth:`options` returns them for config.json.
+    Hyper-parameters are the fields of the method's ``config_class`` (a dataclass validated in its
+    ``__post_init__``; see :mod:`fedlatent.fl.options`): ``Method(config)`` or ``Method(**options)``, stored
+    as ``self.config``; :meth:`options` returns them for config.json.
     """
 
     name: ClassVar[str] = "base"
     heterogeneous: ClassVar[bool] = False   # True: accepts clients with different architectures
+    config_class: ClassVar[type | None] = None  # the method's options dataclass (None: no options)
     ctx: FLContext
 
     def options(self) -> dict[str, Any]:
-        """Method hyper-parameters (JSON-serialisable), recorded in config.json."""
-        return {}
+        """Method hyper-parameters (JSON-serialisable), recorded in config.json: the config's fields."""
+        cfg = getattr(self, "config", None)
+        return asdict(cfg) if cfg is not None and self.config_class is not None else {}
+
+    def attach_runner(self, client_map: Callable[[Callable, Any], list]) -> None:
+        """A parallel backend offers its ``client_map(fn, jobs)`` for independent per-client work on the server
+        (FedDGM runs its per-client distillation through it); the default does not use it."""
 
     def setup(self, ctx: FLContext) -> None:
         """Called once before round 1: build server state (e.g. the initial global model)."""
@@ -270,9 +281,20 @@ class Strategy:
         """Restore the server state written by :meth:`state_dict`."""
 
 
+@dataclass
+class ClientFailure:
+    """What a parallel client runner (``client_map``) returns for a client whose work failed for good
+    (e.g. after its retries on Ray): the engine logs and records it and goes on without that client."""
+
+    client_id: int | None
+    error: str
+    attempts: int = 1
+
+
+
 # ---------------------------------------------------------------------------------------------
-# Method registry: modules in fedlatent.fl register their Strategy with @register_method, and
-# get_method() imports the package's modules on demand, so adding a method never edits this file.
+# Method registry: modules in fedlatent.fl.methods register their Strategy with @register_method, and
+# get_method() imports that package's modules on demand, so adding a method never edits this file.
 
 METHODS: dict[str, type[Strategy]] = {}
 
@@ -292,20 +314,20 @@ _BROKEN: dict[str, str] = {}
 
 
 def _discover() -> None:
-    """Import every public module of fedlatent.fl (each registers its methods).
+    """Import every public module of fedlatent.fl.methods (each registers its methods).
 
     A module that fails to import is logged and skipped, so one broken method never hides the others.
     """
-    from . import __path__ as pkg_path
+    from .methods import __path__ as pkg_path
 
     for mod in pkgutil.iter_modules(pkg_path):
         if mod.name.startswith("_") or mod.name in _BROKEN:
             continue
         try:
-            importlib.import_module(f"{__package__}.{mod.name}")
+            importlib.import_module(f"{__package__}.methods.{mod.name}")
         except Exception as e:  # noqa: BLE001 - reported below and in get_method's error
             _BROKEN[mod.name] = f"{type(e).__name__}: {e}"
-            logging.getLogger(__name__).warning("fedlatent.fl.%s failed to import: %s", mod.name, _BROKEN[mod.name])
+            logging.getLogger(__name__).warning("fedlatent.fl.methods.%s failed to import: %s", mod.name, _BROKEN[mod.name])
 
 
 def available_methods() -> list[str]:
@@ -325,6 +347,6 @@ def get_method(name: str) -> type[Strategy]:
 
 
 __all__ = [
-    "FLConfig", "FLContext", "ClientData", "Upload", "Strategy", "tensor_bytes", "METHODS",
+    "FLConfig", "FLContext", "ClientData", "Upload", "ClientFailure", "Strategy", "tensor_bytes", "METHODS",
     "register_method", "available_methods", "get_method",
 ]

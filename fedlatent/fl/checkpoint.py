@@ -157,7 +157,7 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 def save_checkpoint(run_dir: str | os.PathLike, rnd: int, strategy_state: Any, engine_state: Mapping[str, Any],
                     extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
     """Write the checkpoint of round ``rnd`` (strategy state, engine state, RNG states); returns its folder."""
-    from safetensors.torch import save_file
+    from ..utils import save_safetensors
 
     root = checkpoint_dir(run_dir)
     name = f"round_{int(rnd):04d}"
@@ -171,7 +171,7 @@ def save_checkpoint(run_dir: str | os.PathLike, rnd: int, strategy_state: Any, e
         "extra": encode_state(dict(extra or {}), tensors, "extra")[0],
     }
     tpath = folder / "tensors.safetensors"
-    atomic_write(tpath, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    save_safetensors(tpath, tensors, {"format": FORMAT})
     doc = {"format": FORMAT, "round": int(rnd), "tensors_sha256": sha256_file(tpath), "state": tree}
     atomic_write_text(folder / "state.json", json.dumps(doc, allow_nan=True))
     atomic_write_text(root / LATEST, json.dumps({"round": int(rnd), "dir": name}) + "\n")

@@ -1,8 +1,8 @@
-"""Local training and central evaluation.
+"""Local training (central evaluation: :func:`fedlatent.train.evaluate`, re-exported here).
 
 :func:`local_train` is the client-side work of FedAvg / FedProx (and of any method whose clients run
 local SGD): ``epochs`` passes over the local data with a seeded shuffle, SGD with momentum and weight
-decay, and optionally the FedProx proximal term. :func:`train_client` wraps it into the
+decay, and optionally the FedProx proximal term - :func:`fedlatent.train.fit` with that objective. :func:`train_client` wraps it into the
 payload -> :class:`Upload` step with the seeding convention of the engine: the shuffle of client c in
 round r comes from the stream (seed, "client", r, c), independent of which other clients run.
 """
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train import evaluate, fit  # noqa: F401 - evaluate re-exported (old path)
 from ..utils import torch_generator
 from .aggregate import fedprox_term
 from .base import ClientData, FLContext, TensorDict, Upload
@@ -60,21 +61,20 @@ def local_train(
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         prox = ([p for _, p in named], [global_params[k].to(p.device) for k, p in named])
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    loss_sum, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            ce = F.cross_entropy(model(xb), yb)
-            loss = ce if prox is None else ce + fedprox_term(prox[0], prox[1], mu)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum = loss_sum + ce.detach() * len(idx)  # a tensor: no device sync per step
-            seen += len(idx)
-            steps += 1
-    return {"train_loss": float(loss_sum) / seen if seen else math.nan, "steps": float(steps)}
+    acc = {"loss_sum": 0.0, "seen": 0}
+
+    def objective(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
+        ce = F.cross_entropy(m(xb), yb)
+        return (ce if prox is None else ce + fedprox_term(prox[0], prox[1], mu)), ce
+
+    def log(ce: torch.Tensor, nb: int) -> None:
+        acc["loss_sum"] = acc["loss_sum"] + ce.detach() * nb  # a tensor: no device sync per step
+        acc["seen"] += nb
+
+    steps = fit(model, x, y, opt, epochs=epochs, batch_size=batch_size, generator=generator, loss_fn=objective,
+                on_step=log)
+    seen = acc["seen"]
+    return {"train_loss": float(acc["loss_sum"]) / seen if seen else math.nan, "steps": float(steps)}
 
 
 def _privacy(ctx: FLContext, client_id: int):
@@ -114,24 +114,6 @@ def train_client(ctx: FLContext, rnd: int, payload: TensorDict, data: ClientData
     )
     tensors = {k: v.detach() for k, v in model.state_dict().items()}  # the model is private: no copy needed
     return Upload(client_id=data.client_id, tensors=tensors, num_samples=len(data), metrics=metrics)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on (x, y), in eval mode and without grad."""
-    was_training = model.training
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    try:
-        for i in range(0, int(y.shape[0]), batch_size):
-            logits = model(x[i : i + batch_size])
-            yb = y[i : i + batch_size]
-            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
-    n = max(int(y.shape[0]), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
 __all__ = ["local_train", "client_model", "train_client", "evaluate"]

@@ -20,7 +20,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,45 +28,22 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import ImageData, load_dataset
+from ..data.hf import given_partitions
 from ..data.partition import label_counts, partition, save_partition_report
 from ..utils import FedLatentError, default_device, numpy_rng
-from .base import ClientData, FLConfig, FLContext, Strategy, Upload, get_method, tensor_bytes
-from .client import evaluate
+from ..backends import make_backend
+from ..backends.serial import sequential_map
+from .base import ClientData, ClientFailure, FLConfig, FLContext, Strategy, Upload, get_method
 from .hetero import architecture_summary, assign_architectures
-from .run import RunFolder, iter_rows
+from .engine import PLOT_INTERVAL_S, RunState, evaluate_all  # noqa: F401 - PLOT_INTERVAL_S re-exported
+from .run import RunFolder
+from .schedule import client_schedule, clients_per_round  # noqa: F401 - re-exported (old path)
 from .transfer import public_private_split
-from .validate import validate_uploads
 
 log = logging.getLogger("fedlatent.fl")
 
 ClientMap = Callable[[Callable[..., Upload], Iterable[tuple]], list]
 
-PLOT_INTERVAL_S = 10.0  # accuracy.png is refreshed at most this often during a run (and at the end)
-
-
-@dataclass
-class ClientFailure:
-    """What a parallel client runner (``client_map``) returns for a client whose work failed for good
-    (e.g. after its retries on Ray): the engine logs and records it and goes on without that client."""
-
-    client_id: int | None
-    error: str
-    attempts: int = 1
-
-
-def clients_per_round(num_clients: int, participation: float) -> int:
-    """max(1, round(C * K)): the number of clients sampled per round (round half up)."""
-    return max(1, min(num_clients, int(math.floor(participation * num_clients + 0.5))))
-
-
-def client_schedule(num_clients: int, rounds: int, participation: float, seed: int) -> list[np.ndarray]:
-    """The clients of rounds 1..rounds (sorted ids, sampled without replacement within a round).
-
-    Round r uses its own stream (seed, "schedule", r): the schedule of the first rounds does not
-    depend on the total number of rounds, and never on the method or the model.
-    """
-    m = clients_per_round(num_clients, participation)
-    return [np.sort(numpy_rng(seed, "schedule", r).choice(num_clients, size=m, replace=False)) for r in range(1, rounds + 1)]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -122,44 +99,6 @@ class SimulationResult:
                 f"{self.rejected} rejected uploads{where}")
 
 
-def sequential_map(fn: Callable[..., Upload], jobs: Iterable[tuple]) -> list[Upload]:
-    """The default client runner: ``[fn(*args) for args in jobs]`` in this process, in order."""
-    return [fn(*args) for args in jobs]
-
-
-def _upload_bytes(upload: object) -> int:
-    if isinstance(upload, Upload) and isinstance(upload.tensors, Mapping):
-        return int(sum(t.numel() * t.element_size() for t in upload.tensors.values() if isinstance(t, torch.Tensor)))
-    return 0
-
-
-def evaluate_all(strategy: Strategy, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Evaluate ``strategy.eval_model()``: one model, or a dict name -> model or list of models.
-
-    For a dict, ``accuracy_<name>`` / ``loss_<name>`` are written per entry (the mean over the entry's
-    models for a list, e.g. FedMD's parties of one architecture) and the headline ``accuracy`` / ``loss``
-    is the mean over all evaluated models.
-    """
-    models = strategy.eval_model()
-    if isinstance(models, Mapping):
-        row: dict[str, float] = {}
-        accs: list[float] = []
-        losses: list[float] = []
-        for name, m in models.items():
-            group = list(m) if isinstance(m, (list, tuple)) else [m]
-            if not group:
-                continue
-            rs = [evaluate(g, x, y, batch_size) for g in group]
-            row[f"accuracy_{name}"] = float(np.mean([r["accuracy"] for r in rs]))
-            row[f"loss_{name}"] = float(np.mean([r["loss"] for r in rs]))
-            accs += [r["accuracy"] for r in rs]
-            losses += [r["loss"] for r in rs]
-        # Heterogeneous methods: the headline numbers are the mean over the evaluated models.
-        row["accuracy"], row["loss"] = float(np.mean(accs)), float(np.mean(losses))
-        return row
-    return evaluate(models, x, y, batch_size)
-
-
 def _strategy_overrides(strategy: Strategy, hook: str) -> bool:
     return getattr(type(strategy), hook) is not getattr(Strategy, hook)
 
@@ -184,7 +123,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                    overwrite: bool = False, run_info: Mapping[str, Any] | None = None,
                    progress: bool = True, client_map: ClientMap | None = None,
                    checkpoint_fn: Callable[[int, Strategy, dict[str, Any]], None] | None = None,
-                   resume: Mapping[str, Any] | None = None) -> SimulationResult:
+                   resume: Mapping[str, Any] | None = None, tracker: Any = None) -> SimulationResult:
     """Run ``config.rounds`` federated rounds of ``strategy`` on ``data``.
 
     With ``out_dir`` the run folder (:mod:`fedlatent.fl.run`) is written as the run goes; an existing
@@ -192,7 +131,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     ``client_map(fn, jobs)`` runs the round's clients: it must return ``[fn(*args) for args in jobs]``
     in order (``args = (ctx, rnd, client_id, payload, data)``; for a strategy's optional
     ``client_init``, run once before round 1, ``args = (ctx, client_id, data)``); the default is
-    :func:`sequential_map`, a parallel back end (e.g. :class:`fedlatent.parallel.RayBackend`) passes its own.
+    :func:`sequential_map`, a parallel back end (e.g. :class:`fedlatent.backends.ray.RayBackend`) passes its own.
     A parallel runner may return a :class:`ClientFailure` in place of a client's result: that client is
     logged, recorded (``failed`` column, ``SimulationResult.failures``) and left out of the round; when no
     client of a round returned, FedLatentError is raised (a failed ``client_init`` is always fatal).
@@ -201,6 +140,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
     called after every recorded round (``engine_state``: history, rejections, totals, wall_s, final);
     ``resume`` (``{"round", "strategy", "history", "rejections", "totals", "wall_s"}``) restores the strategy
     state after ``setup`` and continues with round ``resume["round"] + 1`` (pass ``overwrite=True``).
+    ``tracker`` (:func:`fedlatent.tracking.open_trackers`) gets config.json as params and every metrics row.
     """
     t_start = time.perf_counter()
     cfg = config.check()
@@ -213,7 +153,11 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         raise FedLatentError(f"method {strategy.name!r} needs one architecture for all clients; "
                              "--client-models is for heterogeneous methods such as feddf and fedmd (use --model)")
     labels = data.y_train.cpu().numpy()
-    public_idx, private_idx, parts = split_clients(labels, cfg)
+    given = given_partitions(data, cfg.clients)  # a Flower Datasets partitioner's partitions (fedlatent.data.hf)
+    if given is not None and cfg.public_fraction > 0:
+        raise FedLatentError("public_fraction cannot be combined with partitions given by the data")
+    public_idx, private_idx, parts = split_clients(labels, cfg) if given is None else \
+        (np.zeros(0, dtype=np.int64), np.arange(len(labels)), given)
     counts = label_counts(labels, parts, data.num_classes)
     schedule = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
 
@@ -224,7 +168,7 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                     client_models=client_models,
                     public_x=x_train.index_select(0, public_t) if len(public_idx) else None,
                     public_y=y_train.index_select(0, public_t) if len(public_idx) else None,
-                    mean=tuple(data.mean), std=tuple(data.std))
+                    mean=tuple(data.mean), std=tuple(data.std), dataset=data.name)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     client_idx = [torch.from_numpy(p).to(device) for p in parts]
 
@@ -247,8 +191,12 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
         if len(public_idx):
             info["public_split"] = {"fraction": cfg.public_fraction, "public": int(len(public_idx)),
                                     "private": int(len(private_idx))}
+        if given is not None:
+            info["partition_given"] = data.extra.get("partitioner", "by the data")
         info.update(run_info or {})
         run.write_config(info)
+        if tracker is not None:
+            tracker.log_params(info)
         save_partition_report(run.path, counts, list(data.classes))
 
     strategy.setup(ctx)
@@ -267,37 +215,22 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 raise FedLatentError(f"client_init of client {cid} failed ({state.attempts} attempt(s)): {state.error}")
             if state is not None:
                 strategy.keep_client_state(cid, state)
-    history: list[dict[str, Any]] = []
-    rejections: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    totals = {"up": 0, "down": 0, "rejected": 0}
+    state = RunState(strategy, cfg, ctx, run, t_start, tracker=tracker)
     start_round = 1
     if resume is not None:  # continue a checkpointed run (fedlatent.fl.checkpoint)
         strategy.load_state_dict(resume["strategy"])
         start_round = int(resume["round"]) + 1
-        rejections = list(resume.get("rejections", []))
-        failures = list(resume.get("failures", []))
-        totals.update(resume.get("totals", {}))
-        t_start -= float(resume.get("wall_s", 0.0))
-    last_plot = -math.inf
-
-    def record(row: dict[str, Any], final: bool) -> None:
-        nonlocal last_plot
-        history.append(row)
-        if run is not None:
-            plot = row.get("accuracy") is not None and (final or time.perf_counter() - last_plot >= PLOT_INTERVAL_S)
-            run.log_round(row, label=strategy.name, plot=plot)
-            if plot:
-                last_plot = time.perf_counter()
+        state.rejections = list(resume.get("rejections", []))
+        state.failures = list(resume.get("failures", []))
+        state.totals.update(resume.get("totals", {}))
+        state.t_start -= float(resume.get("wall_s", 0.0))
 
     if resume is None:
-        row0 = {"round": 0, **evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size), "clients": 0, "client_ids": "",
-                "accepted": 0, "rejected": 0, "failed": 0, "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0,
-                "wall_s": time.perf_counter() - t_start}
-        record(row0, final=cfg.rounds == 0)
+        state.record(state.initial_row(evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size)),
+                     final=cfg.rounds == 0)
     else:  # the rounds already done, as checkpointed
         for r in resume.get("history", []):
-            record(dict(r), final=False)
+            state.record(dict(r), final=False)
 
     bar = tqdm(range(start_round, cfg.rounds + 1), desc=strategy.name, disable=not progress, dynamic_ncols=True,
                initial=start_round - 1, total=cfg.rounds)
@@ -314,82 +247,35 @@ def run_simulation(strategy: Strategy, data: ImageData, config: FLConfig, out_di
                 yield ctx, rnd, cid, payload, ClientData(cid, x_train.index_select(0, idx), y_train.index_select(0, idx),
                                                          state=strategy.client_state(cid))
 
-        uploads = list((client_map or sequential_map)(strategy.client_update, jobs()))
-        failed = [(cid, u) for cid, u in zip(selected, uploads) if isinstance(u, ClientFailure)]
-        returned = selected
-        if failed:
-            for cid, f in failed:
-                log.warning("round %d: client %d failed after %d attempt(s) (%s); the round goes on without it",
-                            rnd, cid, f.attempts, f.error)
-            failures.extend({"round": rnd, "client": cid, "attempts": f.attempts, "error": f.error}
-                            for cid, f in failed)
-            if len(failed) == len(selected):
-                raise FedLatentError(f"round {rnd}: no client returned ({len(failed)} failed; first error: "
-                                     f"{failed[0][1].error})")
-            ok = [(cid, u) for cid, u in zip(selected, uploads) if not isinstance(u, ClientFailure)]
-            returned, uploads = [c for c, _ in ok], [u for _, u in ok]
-        for cid, u in zip(returned, uploads):  # local state stays with its client, accepted or not
+        results = list((client_map or sequential_map)(strategy.client_update, jobs()))
+        failed = [(cid, u.error, u.attempts) for cid, u in zip(selected, results) if isinstance(u, ClientFailure)]
+        ok = [(cid, u) for cid, u in zip(selected, results) if not isinstance(u, ClientFailure)]
+        for cid, u in ok:  # local state stays with its client, accepted or not
             if isinstance(u, Upload) and u.client_id == cid and u.state is not None:
                 strategy.keep_client_state(cid, u.state)
-        down = sum(tensor_bytes(p) for p in references.values())
-        up = sum(_upload_bytes(u) for u in uploads)
-        accepted, rejected = validate_uploads(
-            uploads, returned, strategy.expected_upload, references=references, client_sizes=ctx.client_sizes,
-            norm_factor=cfg.norm_factor, norm_cap=cfg.norm_cap, rnd=rnd)
-        references = uploads = None  # free the round's tensors before evaluation
-        rejections.extend({"round": rnd, "client": r.client_id, "reason": r.reason} for r in rejected)
-        extra: dict[str, Any] = {}
-        if accepted:
-            extra = dict(strategy.aggregate(rnd, accepted) or {})
-        else:
-            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
-        if cfg.dp:  # per-client privacy accounting (fedlatent.privacy.dp)
-            from ..privacy.dp import round_columns
-            extra.update(round_columns(cfg, ctx.client_sizes, rnd, accepted))
-        losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
-        losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
-        train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+        outcome = state.aggregate_round(rnd, selected, [c for c, _ in ok], [u for _, u in ok], references, failed)
+        references = results = ok = None  # free the round's tensors before evaluation
         final = rnd == cfg.rounds
         ev = evaluate_all(strategy, x_test, y_test, cfg.eval_batch_size) if final or rnd % cfg.eval_every == 0 else {}
-        totals["up"] += up
-        totals["down"] += down
-        totals["rejected"] += len(rejected)
-        row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": len(selected),
-               "client_ids": " ".join(map(str, selected)), "accepted": len(accepted), "rejected": len(rejected),
-               "failed": len(failed),
-               "train_loss": train_loss, "uplink_bytes": up, "downlink_bytes": down,
-               "round_s": time.perf_counter() - t_round, "wall_s": time.perf_counter() - t_start,
-               **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **extra}
-        record(row, final)
+        state.record(state.round_row(rnd, selected, outcome, ev, t_round), final)
         if checkpoint_fn is not None:
-            checkpoint_fn(rnd, strategy, {"history": history, "rejections": rejections, "failures": failures,
-                                          "totals": dict(totals),
-                                          "wall_s": time.perf_counter() - t_start, "final": final})
+            checkpoint_fn(rnd, strategy, {"history": state.history, "rejections": state.rejections,
+                                          "failures": state.failures, "totals": dict(state.totals),
+                                          "wall_s": time.perf_counter() - state.t_start, "final": final})
         if ev:
-            bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=totals["rejected"])
+            bar.set_postfix(acc=f"{ev['accuracy']:.4f}", rej=state.totals["rejected"])
     bar.close()
 
-    accs = [(int(r["round"]), float(r["accuracy"])) for r in history if r.get("accuracy") is not None]
-    best_round, best = max(accs, key=lambda t: (t[1], -t[0]))
-    last_eval = next(r for r in reversed(history) if r.get("accuracy") is not None)
-    final_by_model = {k[len("accuracy_"):]: float(v) for k, v in last_eval.items()
-                      if k.startswith("accuracy_") and v is not None}
+    o = state.outcome()
     result = SimulationResult(
-        method=strategy.name, history=history, final_accuracy=accs[-1][1], best_accuracy=best, best_round=best_round,
-        rounds=cfg.rounds, wall_s=time.perf_counter() - t_start, uplink_bytes=totals["up"],
-        downlink_bytes=totals["down"], rejected=totals["rejected"], rejections=rejections,
-        out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=final_by_model,
-        failures=failures,
+        method=strategy.name, history=state.history, final_accuracy=o["final_accuracy"],
+        best_accuracy=o["best_accuracy"], best_round=o["best_round"], rounds=cfg.rounds,
+        wall_s=time.perf_counter() - state.t_start, uplink_bytes=state.totals["up"],
+        downlink_bytes=state.totals["down"], rejected=state.totals["rejected"], rejections=state.rejections,
+        out_dir=run.path if run is not None else None, strategy=strategy, final_by_model=o["final_by_model"],
+        failures=state.failures,
     )
-    if run is not None:
-        summary = result.summary()
-        summary["final_loss"] = iter_rows(history, "loss")[-1]
-        summary["client_sizes"] = ctx.client_sizes
-        if client_models is not None:
-            summary["client_models"] = client_models
-        from ..privacy.model_io import save_global_model
-        save_global_model(run.path, strategy)  # the final global model (privacy audit); before summary.json
-        run.write_summary(summary)
+    state.write_summary(result.summary(), **({"client_models": client_models} if client_models is not None else {}))
     return result
 
 
@@ -398,7 +284,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              method_options: Mapping[str, Any] | None = None, progress: bool = True,
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
              client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
-             **config: Any) -> SimulationResult:
+             log: str | Sequence[str] | None = None, **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
@@ -406,7 +292,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     images (``digits`` defaults to 16 px). Pass ``data`` to reuse an already loaded dataset, and
     ``client_map`` to run clients elsewhere (see :func:`run_simulation`). ``backend``: "serial" (in this
     process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
-    stopped for this run) or a :class:`fedlatent.parallel.RayBackend` (its settings; the caller closes it).
+    stopped for this run) or a :class:`fedlatent.backends.ray.RayBackend` (its settings; the caller closes it).
+    ``log``: trackers besides metrics.csv (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``; needs ``out``).
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -415,8 +302,9 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     cfg = FLConfig(**config).check()
     if out is not None:
         RunFolder.check(out, overwrite)
-    from ..parallel import make_backend
+    from ..tracking import open_trackers
 
+    tracker = open_trackers(out, log) if out is not None else None
     runner = make_backend(backend, ray_address)
     if runner is not None and client_map is not None:
         raise FedLatentError("pass either client_map or backend, not both")
@@ -435,10 +323,18 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
         info["backend"] = runner.describe()
         runner.attach(strategy)
     info.update(run_info or {})
+    status = "FAILED"
     try:
-        return run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
-                              progress=progress, client_map=runner.client_map if runner is not None else client_map)
+        result = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
+                                progress=progress, client_map=runner.client_map if runner is not None else client_map,
+                                tracker=tracker)
+        if tracker:
+            tracker.log_run_folder(result.out_dir)
+        status = "FINISHED"
+        return result
     finally:
+        if tracker is not None:
+            tracker.close(status)
         if runner is not None and runner is not backend:
             runner.close()
 

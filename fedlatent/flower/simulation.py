@@ -108,11 +108,10 @@ def run_simulation(method: str = "fedavg", num_clients: int = 4, rounds: int = 2
 
 
 def _init_params(method: str) -> set[str]:
-    import inspect
-
     from ..fl.base import get_method
+    from ..fl.options import option_names
 
-    return set(inspect.signature(get_method(method).__init__).parameters)
+    return option_names(get_method(method))
 
 
 __all__ = ["run_simulation"]

@@ -8,7 +8,6 @@ and carves exactly the engine's partition out of its copy of the data (:func:`cl
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -83,23 +82,11 @@ class RunSpec:
 
 
 def split_options(method: str, options: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Split ``options`` into FLConfig fields and constructor arguments of ``method`` (unknown -> error)."""
-    from ..fl.base import FLConfig, get_method
+    """Split ``options`` into FLConfig fields and options of ``method`` (unknown -> error)."""
+    from ..fl.base import get_method
+    from ..fl.options import split_options as split
 
-    fl_fields = set(FLConfig.__dataclass_fields__)
-    params = inspect.signature(get_method(method).__init__).parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    method_fields = set(params) - {"self"}
-    cfg, meth = {}, {}
-    for k, v in options.items():
-        if k in fl_fields:
-            cfg[k] = v
-        elif k in method_fields or takes_kwargs:
-            meth[k] = v
-        else:
-            raise FedLatentError(f"unknown option {k!r} for method {method!r}; valid: "
-                                 f"{', '.join(sorted(fl_fields | method_fields - {'args', 'kwargs'}))}")
-    return cfg, meth
+    return split(get_method(method), options, where=f" for method {method!r}")
 
 
 def _value(v: Any) -> Any:
@@ -173,15 +160,16 @@ def public_split_generator(spec: RunSpec) -> str | None:
     """The generator whose public split ``exclude_public`` removes: the method's (FedDGM: its ``generator`` or the
     dataset's default one); None for methods without a generator or in pixel space."""
     from ..fl.base import get_method
+    from ..fl.options import option_names
 
-    if "generator" not in inspect.signature(get_method(spec.method).__init__).parameters:
+    if "generator" not in option_names(get_method(spec.method)):
         return None
     gen = spec.method_options.get("generator")
     space = str(spec.method_options.get("space") or "").lower()
     if space == "pixel":
         return None
     if gen in (None, "", "none"):
-        from ..fl.feddgm import default_generator
+        from ..generators.resolve import default_generator
 
         gen = default_generator(spec.dataset.strip().lower())
     return None if gen in (None, "", "none") else str(gen)
@@ -195,13 +183,13 @@ def load_data(spec: RunSpec, data_root: str | None = None):
     """The run's :class:`~fedlatent.data.ImageData` (``data_root`` overrides the spec's, e.g. a node's own folder).
 
     With ``spec.exclude_generator`` the generator's public split is removed from the training set
-    (:func:`fedlatent.fl.feddgm.private_training_data`), as ``fedlatent distill`` does.
+    (:func:`fedlatent.apps.distill.private_training_data`), as ``fedlatent distill`` does.
     """
     from ..data import load_dataset
 
     data = load_dataset(spec.dataset, root=data_root or spec.data_root, resize=spec.resolved_image_size())
     if spec.exclude_generator:
-        from ..fl.feddgm import private_training_data
+        from ..apps.distill import private_training_data
 
         data, _ = private_training_data(data, spec.exclude_generator)
     return data
@@ -224,7 +212,7 @@ def make_context(spec: RunSpec, data, client_sizes: list[int], device: str):
 
     return FLContext(config=spec.fl_config(), num_classes=data.num_classes, channels=data.channels,
                      image_size=data.image_size, class_names=list(data.classes), client_sizes=list(client_sizes),
-                     device=str(device), mean=tuple(data.mean), std=tuple(data.std))
+                     device=str(device), mean=tuple(data.mean), std=tuple(data.std), dataset=data.name)
 
 
 def check_supported(strategy, cfg) -> None:

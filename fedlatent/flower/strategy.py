@@ -33,7 +33,6 @@ from . import require_flwr
 require_flwr()
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +44,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy as FlowerStrategy
 from torch import nn
 
-from ..fl.base import Strategy, Upload, tensor_bytes
-from ..fl.run import RunFolder, iter_rows
-from ..fl.simulation import PLOT_INTERVAL_S, SimulationResult, evaluate_all, client_schedule, resolve_device
-from ..fl.validate import Rejection, validate_uploads
+from ..fl.base import Strategy, Upload
+from ..fl.engine import RunState, evaluate_all
+from ..fl.run import RunFolder
+from ..fl.simulation import SimulationResult, client_schedule, resolve_device
+from ..fl.validate import Rejection
 from ..utils import FedLatentError
 from .messages import ARRAYS, CONFIG, content_to_upload, tensors_to_record
 from .spec import RunSpec, check_supported, finite_metrics, make_context
@@ -108,15 +108,17 @@ class FedLatentStrategy(FlowerStrategy):
                           "test": int(len(data.y_test))}
         self.strategy.setup(self.ctx)
         self.nodes: dict[int, int] | None = None
-        self.history: list[dict[str, Any]] = []
-        self.rejections: list[dict[str, Any]] = []
-        self.failures: list[dict[str, Any]] = []
-        self._last_plot = -math.inf
-        self.totals = {"up": 0, "down": 0, "rejected": 0}
+        # the engine's bookkeeping (rows, rejections, failures, totals, metrics.csv): fedlatent.fl.engine
+        self.state = RunState(self.strategy, self.cfg, self.ctx, self.run, self.t_start)
         self._round: dict[str, Any] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self.flower_result: Result | None = None
         self.connect_s: float | None = None
+
+    history = property(lambda self: self.state.history)
+    rejections = property(lambda self: self.state.rejections)
+    failures = property(lambda self: self.state.failures)
+    totals = property(lambda self: self.state.totals)
 
     # -- Flower Strategy API --------------------------------------------------------------------------
     def summary(self) -> None:
@@ -142,7 +144,7 @@ class FedLatentStrategy(FlowerStrategy):
         t0 = time.perf_counter()
         self.connect(grid, timeout=timeout)
         self.connect_s = time.perf_counter() - t0
-        self.t_start = time.perf_counter()
+        self.t_start = self.state.t_start = time.perf_counter()
         if self.run is not None:
             self._write_config()
         res = super().start(grid, self.initial_arrays() if initial_arrays is None else initial_arrays,
@@ -236,40 +238,13 @@ class FedLatentStrategy(FlowerStrategy):
                     ids.append(cid)
                 except FedLatentError as e:
                     malformed.append(Rejection(cid, f"malformed reply: {e}"))
-        for cid, why in failed:
-            log.warning("round %d: client %d failed (%s); the round goes on without it", rnd, cid, why)
-        for r in malformed:
-            log.warning("round %d: rejected upload of client %d: %s", rnd, r.client_id, r.reason)
-        self.failures.extend({"round": rnd, "client": cid, "attempts": 1, "error": why} for cid, why in failed)
-        if failed and len(failed) == len(selected):
-            raise FedLatentError(f"round {rnd}: no client returned ({len(failed)} failed; first error: {failed[0][1]})")
-        up = sum(tensor_bytes(u.tensors) for u in uploads)
-        down = sum(tensor_bytes(p) for p in refs.values())
-        accepted, rejected = validate_uploads(
-            uploads, ids, self.strategy.expected_upload, references={c: refs[c] for c in ids},
-            client_sizes=self.ctx.client_sizes, norm_factor=self.cfg.norm_factor, norm_cap=self.cfg.norm_cap, rnd=rnd)
-        rejected = sorted(malformed + rejected, key=lambda r: selected.index(r.client_id))
-        self.rejections.extend({"round": rnd, "client": r.client_id, "reason": r.reason} for r in rejected)
-        extra: dict[str, Any] = {}
-        if accepted:
-            extra = dict(self.strategy.aggregate(rnd, accepted) or {})
-        else:
-            log.warning("round %d: every upload was rejected; the global state is unchanged", rnd)
-        losses = [(u.metrics.get("train_loss"), u.num_samples) for u in accepted]
-        losses = [(float(v), n) for v, n in losses if isinstance(v, (int, float)) and math.isfinite(v)]
-        train_loss = sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
-        self.totals["up"] += up
-        self.totals["down"] += down
-        self.totals["rejected"] += len(rejected)
-        self._pending[rnd] = {"clients": len(selected), "client_ids": " ".join(map(str, selected)),
-                              "accepted": len(accepted), "rejected": len(rejected), "failed": len(failed),
-                              "train_loss": train_loss,
-                              "uplink_bytes": up, "downlink_bytes": down, "t0": self._round["t0"], "extra": extra}
+        o = self.state.aggregate_round(rnd, selected, ids, uploads, refs, [(cid, why, 1) for cid, why in failed],
+                                       malformed=malformed)
+        self._pending[rnd] = {"outcome": o, "selected": selected, "t0": self._round["t0"]}
         self._round = {}
-        metrics = finite_metrics({"accepted": len(accepted), "rejected": len(rejected), "failed": len(failed),
-                                  "uplink_bytes": up,
-                                  "downlink_bytes": down, **({"train_loss": train_loss} if train_loss is not None else {}),
-                                  **extra})
+        metrics = finite_metrics({"accepted": len(o.accepted), "rejected": len(o.rejected), "failed": o.failed,
+                                  "uplink_bytes": o.up, "downlink_bytes": o.down,
+                                  **({"train_loss": o.train_loss} if o.train_loss is not None else {}), **o.extra})
         return self.initial_arrays(), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -290,26 +265,17 @@ class FedLatentStrategy(FlowerStrategy):
         merged into the row (over fedlatent's, e.g. its ``accuracy``) and the returned record. Names of the
         row's bookkeeping columns (round, clients, accepted, uplink_bytes, ...) raise :class:`FedLatentError`."""
         rnd = int(server_round)
-        now = time.perf_counter()
         if rnd == 0:
             ev = evaluate_all(self.strategy, self.x_test, self.y_test, self.cfg.eval_batch_size)
             ev, record = self._with_user_metrics(ev, user_fn, rnd, arrays)
-            row = {"round": 0, **ev, "clients": 0, "client_ids": "", "accepted": 0, "rejected": 0, "failed": 0,
-                   "uplink_bytes": 0, "downlink_bytes": 0, "round_s": 0.0, "wall_s": now - self.t_start}
-            self._record(row, final=self.cfg.rounds == 0)
+            self.state.record(self.state.initial_row(ev), final=self.cfg.rounds == 0)
             return record
         p = self._pending.pop(rnd)
         final = rnd == self.cfg.rounds
         ev = (evaluate_all(self.strategy, self.x_test, self.y_test, self.cfg.eval_batch_size)
               if final or rnd % self.cfg.eval_every == 0 else {})
         ev, record = self._with_user_metrics(ev, user_fn, rnd, arrays)
-        now = time.perf_counter()
-        row = {"round": rnd, "accuracy": ev.get("accuracy"), "loss": ev.get("loss"), "clients": p["clients"],
-               "client_ids": p["client_ids"], "accepted": p["accepted"], "rejected": p["rejected"], "failed": p["failed"],
-               "train_loss": p["train_loss"], "uplink_bytes": p["uplink_bytes"], "downlink_bytes": p["downlink_bytes"],
-               "round_s": now - p["t0"], "wall_s": now - self.t_start,
-               **{k: v for k, v in ev.items() if k not in ("accuracy", "loss")}, **p["extra"]}
-        self._record(row, final)
+        self.state.record(self.state.round_row(rnd, p["selected"], p["outcome"], ev, p["t0"]), final)
         return record
 
     _BOOKKEEPING = frozenset({"round", "clients", "client_ids", "accepted", "rejected", "failed", "train_loss",
@@ -336,14 +302,6 @@ class FedLatentStrategy(FlowerStrategy):
                 record.update(user)
         return ev, (MetricRecord(record) if record else None)
 
-    def _record(self, row: dict[str, Any], final: bool) -> None:
-        self.history.append(row)
-        if self.run is not None:  # accuracy.png at most every PLOT_INTERVAL_S, and at the end (as the engine)
-            plot = row.get("accuracy") is not None and (final or time.perf_counter() - self._last_plot >= PLOT_INTERVAL_S)
-            self.run.log_round(row, label=self.strategy.name, plot=plot)
-            if plot:
-                self._last_plot = time.perf_counter()
-
     def _write_config(self) -> None:
         from .. import __version__
 
@@ -369,11 +327,11 @@ class FedLatentStrategy(FlowerStrategy):
             return None
         s = self.strategy
         if callable(getattr(s, "save_distilled", None)):
-            from ..fl.feddgm import DISTILLED_FILE
+            from ..artifacts import DISTILLED_FILE
 
             return s.save_distilled(self.run.path / DISTILLED_FILE)
         if getattr(s, "pseudo", None) is not None and callable(getattr(s, "save", None)):
-            from ..fl.dynafed import PSEUDO_FILE
+            from ..artifacts import PSEUDO_FILE
 
             s.save(self.run.path)
             return self.run.path / PSEUDO_FILE
@@ -381,29 +339,19 @@ class FedLatentStrategy(FlowerStrategy):
 
     def result(self) -> FlowerSimulationResult:
         """The run's :class:`FlowerSimulationResult` (writes summary.json and the distilled set with a run folder)."""
-        accs = [(int(r["round"]), float(r["accuracy"])) for r in self.history if r.get("accuracy") is not None]
-        if not accs:
+        if not any(r.get("accuracy") is not None for r in self.history):
             raise FedLatentError("the Flower run recorded no evaluation (did it start?)")
-        best_round, best = max(accs, key=lambda t: (t[1], -t[0]))
-        last_eval = next(r for r in reversed(self.history) if r.get("accuracy") is not None)
-        final_by_model = {k[len("accuracy_"):]: float(v) for k, v in last_eval.items()
-                          if k.startswith("accuracy_") and v is not None}
+        o = self.state.outcome()
         distilled = self.export_distilled()
         more = {"failures": self.failures} if "failures" in SimulationResult.__dataclass_fields__ else {}
         res = FlowerSimulationResult(
-            **more, method=self.strategy.name, history=self.history, final_accuracy=accs[-1][1], best_accuracy=best,
-            best_round=best_round, rounds=self.cfg.rounds, wall_s=time.perf_counter() - self.t_start,
+            **more, method=self.strategy.name, history=self.history, final_accuracy=o["final_accuracy"],
+            best_accuracy=o["best_accuracy"], best_round=o["best_round"], rounds=self.cfg.rounds, wall_s=time.perf_counter() - self.t_start,
             uplink_bytes=self.totals["up"], downlink_bytes=self.totals["down"], rejected=self.totals["rejected"],
             rejections=self.rejections, out_dir=self.run.path if self.run is not None else None, strategy=self.strategy,
-            final_by_model=final_by_model, nodes=dict(self.nodes or {}), flower=self.flower_result, distilled=distilled,
+            final_by_model=o["final_by_model"], nodes=dict(self.nodes or {}), flower=self.flower_result, distilled=distilled,
             connect_s=self.connect_s)
-        if self.run is not None:
-            summary = res.summary()
-            summary["final_loss"] = iter_rows(self.history, "loss")[-1]
-            summary["client_sizes"] = list(self.ctx.client_sizes)
-            summary["runtime"] = "flower"
-            summary["distilled"] = str(distilled) if distilled else None
-            self.run.write_summary(summary)
+        self.state.write_summary(res.summary(), runtime="flower", distilled=str(distilled) if distilled else None)
         return res
 
 

@@ -12,7 +12,7 @@ Same structure as StyleGAN-XL's generator, so the latent spaces F_k mean the sam
   layer upsamples 2x (bilinear) before its convolution; the last layer is a 1x1 modulated "toRGB" convolution
   without demodulation or activation. Optional per-layer noise (off by default, so rendering is deterministic).
 
-Layouts: 16 px (4 -> 8 -> 16), 32 px (4 -> 8 -> 16 -> 32), 28 px (7 -> 14 -> 28). All weights use StyleGAN's
+Layouts (:func:`layout`): 16 px (4 -> 8 -> 16), 32 px (4 -> 8 -> 16 -> 32), 28 px (7 -> 14 -> 28), any\nstart * 2**n px (start 4..7). All weights use StyleGAN's
 equalised learning rate (stored ~N(0, 1), scaled by 1/sqrt(fan_in) at run time).
 
 Checkpoints are safetensors files; the generator config (JSON) and training information live in the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..utils import FedLatentError, atomic_write
+from ..utils import FedLatentError, save_safetensors
 from .base import LayeredGenerator
 
 CHECKPOINT_FORMAT = "fedlatent-builtin-style-generator"
@@ -57,8 +57,7 @@ class BuiltinConfig:
     classes: list[str] = field(default_factory=list)
 
     def check(self) -> "BuiltinConfig":
-        if self.img_resolution not in _LAYOUTS:
-            raise FedLatentError(f"built-in generator supports resolutions {sorted(_LAYOUTS)}, got {self.img_resolution}")
+        layout(self.img_resolution)
         if self.img_channels not in (1, 3):
             raise FedLatentError(f"img_channels must be 1 or 3, got {self.img_channels}")
         for name in ("c_dim", "z_dim", "w_dim", "embed_dim", "mapping_layers", "channel_base", "channel_max"):
@@ -76,8 +75,18 @@ class BuiltinConfig:
         return cls(**d).check()
 
 
-# start size and number of 2x upsamplings for each supported output resolution
-_LAYOUTS = {16: (4, 2), 28: (7, 2), 32: (4, 3)}
+def layout(resolution: int) -> tuple[int, int]:
+    """(start size, number of 2x upsamplings) for an output resolution ``start * 2**n`` with start in 4..7 and
+    n >= 1 (16 px: 4 -> 8 -> 16; 28 px: 7 -> 14 -> 28; 32 px: 4 -> 8 -> 16 -> 32; 64, 96, 128, ... alike)."""
+    r = int(resolution)
+    for start in (4, 5, 6, 7):
+        n = 0
+        while start << (n + 1) <= r:
+            n += 1
+            if start << n == r:
+                return start, n
+    raise FedLatentError(f"built-in generator makes images of start * 2**n pixels (start 4..7, n >= 1: 8, 10, 12, "
+                         f"14, 16, 20, 24, 28, 32, 40, 48, 56, 64, ...), got {resolution}")
 
 
 def _pow2_ceil(r: int) -> int:
@@ -213,7 +222,7 @@ class SynthesisNetwork(nn.Module):
 
     def __init__(self, cfg: BuiltinConfig):
         super().__init__()
-        start, n_up = _LAYOUTS[cfg.img_resolution]
+        start, n_up = layout(cfg.img_resolution)
         self.w_dim, self.img_resolution, self.img_channels = cfg.w_dim, cfg.img_resolution, cfg.img_channels
         self.output_scale = 1
         res, ch = start, _channels(cfg, start)
@@ -277,8 +286,6 @@ def as_generator(G: BuiltinStyleGenerator, name: str = "") -> LayeredGenerator:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 def save_builtin(G: BuiltinStyleGenerator, path: str | os.PathLike, info: dict | None = None) -> None:
     """Write ``G`` (float32 weights + buffers) as safetensors; config and ``info`` go to the JSON metadata."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in G.state_dict().items()}
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -286,7 +293,7 @@ def save_builtin(G: BuiltinStyleGenerator, path: str | os.PathLike, info: dict |
         "config": json.dumps(asdict(G.cfg), sort_keys=True),
         "info": json.dumps(info or {}, sort_keys=True),
     }
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    save_safetensors(path, tensors, meta)
 
 
 def read_builtin_metadata(path: str | os.PathLike) -> dict:
@@ -339,5 +346,5 @@ def _one_line(e: BaseException) -> str:
 
 __all__ = [
     "BuiltinConfig", "BuiltinStyleGenerator", "MappingNetwork", "SynthesisNetwork", "SynthesisInput", "StyleLayer",
-    "EqualLinear", "as_generator", "save_builtin", "load_builtin", "read_builtin_metadata", "normalize_2nd_moment",
+    "EqualLinear", "as_generator", "layout", "save_builtin", "load_builtin", "read_builtin_metadata", "normalize_2nd_moment",
 ]

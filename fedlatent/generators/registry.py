@@ -11,12 +11,17 @@ Manifest entries (``models`` mapping name -> entry):
   against the digest recorded at download time, before anything is unpickled.
 
 :func:`load_generator` takes a manifest name, a ``.safetensors`` path (built-in) or an explicit StyleGAN-XL
-``.pkl`` path (the user names the file, so the user trusts it).
+``.pkl`` path (the user names the file, so the user trusts it), or a randomly initialised built-in generator
+``random:res=32,channels=3,classes=10[,width=64,base=1024,z_dim=64,w_dim=128,seed=0]`` (an untrained prior; GLaD,
+Cazenavette et al. 2023, report that even an untrained generator regularises distillation). ``fedlatent distill``
+fills ``res``, ``channels`` and ``classes`` in from the data set (:func:`complete_generator_spec`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import urllib.error
 import urllib.request
@@ -155,6 +160,8 @@ def load_generator(name_or_path: str | os.PathLike, device: str | torch.device |
 
     device = device if device is not None else "cpu"
     s = str(name_or_path)
+    if parse_random_spec(s) is not None:
+        return random_generator(s, device=device)
     m = read_manifest()
     if s in m["models"]:
         entry = m["models"][s]
@@ -186,5 +193,92 @@ def load_generator(name_or_path: str | os.PathLike, device: str | torch.device |
                          "nor an existing .safetensors/.pkl file")
 
 
+# --- a randomly initialised generator as a prior ------------------------------------------------------------
+RANDOM_PREFIX = "random"
+_RANDOM_KEYS = {"res": "img_resolution", "channels": "img_channels", "classes": "c_dim", "width": "channel_max",
+                "base": "channel_base", "z_dim": "z_dim", "w_dim": "w_dim", "mapping_layers": "mapping_layers",
+                "seed": None}
+_RANDOM_DEFAULTS = {"width": 64, "base": 1024, "z_dim": 64, "w_dim": 128, "mapping_layers": 2, "seed": 0}
+
+
+def parse_random_spec(spec: str | os.PathLike | None) -> dict[str, int] | None:
+    """Options of a ``random[:key=value,...]`` generator spec (None when ``spec`` is not one)."""
+    s = str(spec or "").strip()
+    if s != RANDOM_PREFIX and not s.startswith(RANDOM_PREFIX + ":"):
+        return None
+    opts: dict[str, int] = {}
+    for part in filter(None, s[len(RANDOM_PREFIX) + 1:].split(",")):
+        k, eq, v = part.partition("=")
+        k = k.strip()
+        if not eq or k not in _RANDOM_KEYS or not re.fullmatch(r"-?\d+", v.strip()):
+            raise FedLatentError(f"bad random generator option {part!r}; use integer options "
+                                 f"{', '.join(_RANDOM_KEYS)} (e.g. random:width=64,seed=1)")
+        opts[k] = int(v)
+    return opts
+
+
+def complete_generator_spec(name: str | None, channels: int, resolution: int, classes: int) -> str | None:
+    """A ``random`` spec with the data set's image shape and class count filled in (canonical order); any other
+    name unchanged. Explicit ``res``/``channels``/``classes`` options are kept (and then checked by the caller)."""
+    opts = parse_random_spec(name)
+    if opts is None:
+        return name
+    full = {"res": int(resolution), "channels": int(channels), "classes": int(classes), **_RANDOM_DEFAULTS, **opts}
+    return RANDOM_PREFIX + ":" + ",".join(f"{k}={full[k]}" for k in _RANDOM_KEYS)
+
+
+def random_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
+    """An untrained built-in style generator, weights drawn from a seeded stream (see the module docstring)."""
+    from ..utils import derive_seed
+    from .builtin import BuiltinConfig, BuiltinStyleGenerator, as_generator
+
+    opts = parse_random_spec(spec)
+    if opts is None:
+        raise FedLatentError(f"not a random generator spec: {spec!r}")
+    missing = [k for k in ("res", "channels", "classes") if k not in opts]
+    if missing:
+        raise FedLatentError(f"random generator {spec!r} needs {', '.join(k + '=' for k in missing)} (fedlatent "
+                             "distill fills them in from the data set)")
+    full = {**_RANDOM_DEFAULTS, **opts}
+    cfg = BuiltinConfig(**{_RANDOM_KEYS[k]: v for k, v in full.items() if _RANDOM_KEYS[k]}, dataset="random")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(full["seed"], "random-generator"))
+        G = BuiltinStyleGenerator(cfg)
+    return as_generator(G.to(device).eval().requires_grad_(False), name=complete_generator_spec(spec, full["channels"],
+                                                                                                 full["res"],
+                                                                                                 full["classes"]))
+
+
+# --- checkpoints named by path, and what to do when there is none ---------------------------------------------
+def checkpoint_entry(path: str | os.PathLike) -> dict | None:
+    """A manifest-like entry (dataset, public split) read from a built-in checkpoint's own metadata, so a generator
+    passed by path gets its public split excluded from the clients just like a manifest one; None otherwise."""
+    from .builtin import read_builtin_metadata
+
+    p = Path(path).expanduser()
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    try:
+        info = read_builtin_metadata(p)["info"]
+    except FedLatentError:
+        return None
+    if not info.get("public_split"):
+        return None
+    return {"kind": "builtin", "dataset": info.get("dataset"), "public_split": info["public_split"]}
+
+
+def no_generator_message(dataset: str, data_root: str | os.PathLike | None = None) -> str:
+    """The error for a data set without a generator: how to train one, and the two generator-free options."""
+    name = dataset[4:].rstrip("/\\") if dataset.startswith("npz:") else dataset
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or "data").strip("-") or "data"
+    root = f" --data-root {shlex.quote(str(data_root))}" if data_root and not dataset.startswith("npz:") else ""
+    out = f"{slug}-generator.safetensors"
+    return (f"no generator for {Path(name).name or dataset!r}; train one on a public split of its training set with "
+            f"`fedlatent pretrain --dataset {shlex.quote(dataset)}{root} --public-split 0.1 --steps 20000 --max-minutes 60 "
+            f"--out {out}`, then pass --generator {out} (the clients never see that public split); or use "
+            "--generator random (an untrained generator as a prior) or --space pixel")
+
+
 __all__ = ["load_generator", "fetch", "read_manifest", "write_manifest_entry", "get_entry", "entry_path",
-           "pretrained_dir", "cache_dir", "MANIFEST_NAME"]
+           "pretrained_dir", "cache_dir", "MANIFEST_NAME", "parse_random_spec", "complete_generator_spec",
+           "random_generator", "checkpoint_entry", "no_generator_message"]

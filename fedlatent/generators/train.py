@@ -23,21 +23,23 @@ Objective: a class-conditional GAN that a CPU can train in minutes —
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from ..data import ImageData
 from ..utils import FedLatentError, derive_seed, numpy_rng, sha256_file, torch_generator
 from .builtin import BuiltinConfig, BuiltinStyleGenerator, save_builtin
+from .discriminator import MinibatchStd, ProjectionDiscriminator, diff_augment
+from .train_state import _load_opt, read_train_state, save_train_state, state_path_for
 
 
 # --- public split --------------------------------------------------------------------------------------------
@@ -83,74 +85,6 @@ def parse_public_split(spec: str | float, n: int) -> tuple[float, int]:
     return v, seed
 
 
-# --- discriminator -------------------------------------------------------------------------------------------
-class ProjectionDiscriminator(nn.Module):
-    """Spectral-normalised conv discriminator with a projection head and an auxiliary classifier head."""
-
-    def __init__(self, img_channels: int, resolution: int, c_dim: int, base_channels: int = 32,
-                 max_channels: int = 128):
-        super().__init__()
-        final = 7 if resolution % 7 == 0 else 4
-        ch = base_channels
-        layers: list[nn.Module] = [spectral_norm(nn.Conv2d(img_channels, ch, 3, padding=1)), nn.LeakyReLU(0.2),
-                                   spectral_norm(nn.Conv2d(ch, ch, 3, padding=1)), nn.LeakyReLU(0.2)]
-        res = resolution
-        while res > final:  # downsample first, then widen: keeps the cost of the full-resolution convs low
-            out = min(max_channels, ch * 2)
-            layers += [nn.AvgPool2d(2), spectral_norm(nn.Conv2d(ch, out, 3, padding=1)), nn.LeakyReLU(0.2),
-                       spectral_norm(nn.Conv2d(out, out, 3, padding=1)), nn.LeakyReLU(0.2)]
-            ch, res = out, res // 2
-        self.features = nn.Sequential(*layers)
-        self.psi = spectral_norm(nn.Linear(ch, 1))
-        self.embed = spectral_norm(nn.Embedding(max(c_dim, 1), ch))
-        self.cls = nn.Linear(ch, max(c_dim, 1))
-        self.c_dim = c_dim
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x).sum(dim=(2, 3))
-        out = self.psi(h).squeeze(1)
-        if self.c_dim > 0:
-            out = out + (self.embed(y) * h).sum(1)
-        return out, self.cls(h)
-
-
-# --- DiffAugment-style differentiable augmentation -----------------------------------------------------------
-def diff_augment(x: torch.Tensor, policy: tuple[str, ...], g: torch.Generator) -> torch.Tensor:
-    """Random colour / translation / cutout, differentiable in ``x`` (images in [-1, 1])."""
-    n, c, h, w = x.shape
-    dev, dt = x.device, x.dtype
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g).to(dev, dt)
-
-    for p in policy:
-        if p == "color":
-            x = x + (rand(n, 1, 1, 1) - 0.5)
-            if c > 1:
-                m = x.mean(dim=1, keepdim=True)
-                x = (x - m) * (rand(n, 1, 1, 1) * 2) + m
-            m = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - m) * (rand(n, 1, 1, 1) + 0.5) + m
-        elif p == "translation":
-            sh, sw = max(1, int(h * 0.125 + 0.5)), max(1, int(w * 0.125 + 0.5))
-            ty = torch.randint(-sh, sh + 1, (n, 1, 1), generator=g).to(dev)
-            tx = torch.randint(-sw, sw + 1, (n, 1, 1), generator=g).to(dev)
-            rows = (torch.arange(h, device=dev).view(1, h, 1) + ty + sh)
-            cols = (torch.arange(w, device=dev).view(1, 1, w) + tx + sw)
-            xp = F.pad(x, (sw, sw, sh, sh))
-            bidx = torch.arange(n, device=dev).view(n, 1, 1)
-            x = xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
-        elif p == "cutout":
-            ch_, cw_ = max(1, int(h * 0.5 + 0.5)), max(1, int(w * 0.5 + 0.5))
-            cy = torch.randint(0, h + (1 - ch_ % 2), (n, 1, 1), generator=g).to(dev)
-            cx = torch.randint(0, w + (1 - cw_ % 2), (n, 1, 1), generator=g).to(dev)
-            yy = torch.arange(h, device=dev).view(1, h, 1) - (cy - ch_ // 2)
-            xx = torch.arange(w, device=dev).view(1, 1, w) - (cx - cw_ // 2)
-            inside = (yy >= 0) & (yy < ch_) & (xx >= 0) & (xx < cw_)
-            x = x * (~inside).unsqueeze(1).to(dt)
-        elif p:
-            raise FedLatentError(f"unknown augmentation {p!r}; use color, translation, cutout")
-    return x
 
 
 # --- training ------------------------------------------------------------------------------------------------
@@ -166,9 +100,17 @@ class TrainConfig:
     augment: str = "translation,cutout"
     ema_beta: float = 0.999
     d_channels: int = 32
+    d_channels_max: int = 128
+    mbstd_group: int = 4  # minibatch-std group size in D (0: off)
+    r1_gamma: float = 0.0  # R1 penalty weight (0: off), applied lazily every r1_every steps
+    r1_every: int = 16
+    balanced: bool = True  # draw real images class-balanced (uniform class, then uniform image in it)
     seed: int = 0
     max_minutes: float | None = None
     save_every: int = 500
+
+    #: options that may change when a run is resumed (they do not change the weights of the steps already done)
+    RESUMABLE = ("steps", "max_minutes", "save_every")
 
     def check(self) -> "TrainConfig":
         if self.steps < 1 or self.batch_size < 2:
@@ -176,6 +118,8 @@ class TrainConfig:
         for p in filter(None, self.augment.split(",")):
             if p not in ("color", "translation", "cutout"):
                 raise FedLatentError(f"unknown augmentation {p!r}; use color, translation, cutout")
+        if self.mbstd_group < 0 or self.r1_gamma < 0 or self.r1_every < 1:
+            raise FedLatentError("mbstd_group and r1_gamma must be >= 0 and r1_every >= 1")
         return self
 
 
@@ -185,6 +129,7 @@ class TrainResult:
     steps_done: int
     seconds: float
     history: list
+    curve: list = field(default_factory=list)
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
@@ -195,16 +140,52 @@ def _ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
             be.copy_(bm)
 
 
+class _BalancedSampler:
+    """Indices of real images: class-balanced (uniform class among those present, then uniform image in it) or
+    uniform over the whole public split."""
+
+    def __init__(self, y: torch.Tensor, balanced: bool):
+        self.n, self.balanced = len(y), balanced
+        order = torch.argsort(y.cpu(), stable=True)
+        counts = torch.bincount(y.cpu())
+        self.present = torch.nonzero(counts).flatten()
+        self.order, self.counts = order, counts
+        self.offsets = torch.cumsum(counts, 0) - counts
+
+    def __call__(self, bs: int, g: torch.Generator) -> torch.Tensor:
+        if not self.balanced:
+            return torch.randint(0, self.n, (bs,), generator=g)
+        cls = self.present[torch.randint(0, len(self.present), (bs,), generator=g)]
+        within = (torch.rand(bs, generator=g, dtype=torch.float64) * self.counts[cls]).long()
+        return self.order[self.offsets[cls] + within]
+
+
 def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinConfig, cfg: TrainConfig,
                     out: str | os.PathLike | None = None, info: dict | None = None, progress: bool = True,
-                    device: str | torch.device = "cpu") -> TrainResult:
+                    device: str | torch.device = "cpu", state_path: str | os.PathLike | None = None,
+                    resume: str | os.PathLike | None = None, evaluate=None, eval_every_minutes: float | None = None,
+                    curve_path: str | os.PathLike | None = None, on_step=None) -> TrainResult:
     """Train the built-in generator on ``data.x_train[public_idx]`` (see the module docstring for the objective).
 
-    If ``out`` is given, the EMA generator is saved there every ``cfg.save_every`` steps and at the end
-    (``info`` + training details in the metadata). Stops early after ``cfg.max_minutes``.
+    Every ``cfg.save_every`` steps and at the end, the EMA generator is exported to ``out`` (``info`` + training
+    details in the metadata) and the full training state to ``state_path`` (default ``out`` with
+    ``.train.safetensors``). ``resume``: a training state to continue from exactly (weights, optimiser moments,
+    RNG streams, step, time); its configs win, except :attr:`TrainConfig.RESUMABLE` fields taken from ``cfg``.
+    Stops early after ``cfg.max_minutes`` (of this invocation). ``evaluate(G_ema) -> dict`` is called every
+    ``eval_every_minutes`` of training time (and at the end); records go to the returned ``curve`` and, one JSON
+    per line, to ``curve_path``. Evaluation time is not counted as training time. ``on_step(step)`` is called
+    after every step (tests use it to interrupt a run).
     """
     from tqdm.auto import tqdm
 
+    saved = None
+    if resume is not None:
+        saved, tensors = read_train_state(resume)
+        gen_cfg = BuiltinConfig.from_dict(saved["gen_config"])
+        keep = {k: getattr(cfg, k) for k in TrainConfig.RESUMABLE}
+        cfg = TrainConfig(**{**saved["train_config"], **keep})
+        info = dict(info if info is not None else saved["info"])
+        info["resumed_at_steps"] = list(saved["info"].get("resumed_at_steps", [])) + [saved["step"]]
     cfg.check()
     gen_cfg.check()
     device = torch.device(device)
@@ -218,83 +199,187 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
     if x_pub.shape[1] != gen_cfg.img_channels or x_pub.shape[-1] != gen_cfg.img_resolution:
         raise FedLatentError(f"data is {x_pub.shape[1]}x{x_pub.shape[-1]}px but the generator makes "
                              f"{gen_cfg.img_channels}x{gen_cfg.img_resolution}px")
+    if gen_cfg.c_dim and int(y_pub.max()) >= gen_cfg.c_dim:
+        raise FedLatentError(f"labels go up to {int(y_pub.max())} but the generator knows {gen_cfg.c_dim} classes")
     policy = tuple(p for p in cfg.augment.split(",") if p)
 
     with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the caller's global RNG
         torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
         G = BuiltinStyleGenerator(gen_cfg).to(device)
         D = ProjectionDiscriminator(gen_cfg.img_channels, gen_cfg.img_resolution, gen_cfg.c_dim,
-                                    cfg.d_channels).to(device)
+                                    cfg.d_channels, cfg.d_channels_max, cfg.mbstd_group).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     G.set_noise_mode("random")
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    g_data = torch_generator(cfg.seed, "pretrain", "batches")
-    g_z = torch_generator(cfg.seed, "pretrain", "latents")
-    g_aug = torch_generator(cfg.seed, "pretrain", "augment")
-    n, c_dim, bs = len(x_pub), max(gen_cfg.c_dim, 1), cfg.batch_size
+    rngs = {"data": torch_generator(cfg.seed, "pretrain", "batches"),
+            "z": torch_generator(cfg.seed, "pretrain", "latents"),
+            "aug": torch_generator(cfg.seed, "pretrain", "augment")}
+    g_data, g_z, g_aug = rngs["data"], rngs["z"], rngs["aug"]
+    sampler = _BalancedSampler(y_pub, cfg.balanced)
+    present = sampler.present.to(device) if gen_cfg.c_dim else torch.zeros(1, dtype=torch.long)
+    c_dim, bs = max(gen_cfg.c_dim, 1), cfg.batch_size
     history: list = []
-    t0 = time.time()
+    curve: list = []
+    start, elapsed0, cpu0 = 0, 0.0, 0.0
+    global_rng = None
+    if saved is not None:
+        for pre, mod in (("G", G), ("G_ema", G_ema), ("D", D)):
+            sd = {k[len(pre) + 1:]: v for k, v in tensors.items() if k.startswith(pre + ".")}
+            try:
+                mod.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise FedLatentError(f"{resume}: training checkpoint does not match its config ({type(e).__name__})") from None
+        _load_opt(opt_g, "opt_g", tensors)
+        _load_opt(opt_d, "opt_d", tensors)
+        for k, g in rngs.items():
+            g.set_state(tensors[f"rng.{k}"])
+        global_rng = tensors["rng.torch_global"]
+        start, elapsed0 = saved["step"], saved["seconds"]
+        cpu0 = saved["cpu_seconds"] if np.isfinite(saved["cpu_seconds"]) else float("nan")
+        history, curve = list(saved["history"]), list(saved["curve"])
     meta = dict(info or {})
     meta["train_config"] = asdict(cfg)
+    state_path = Path(state_path) if state_path is not None else (state_path_for(out) if out is not None else None)
+    t_start, c_start = time.time(), time.process_time()
+    eval_seconds, eval_cpu = [0.0], [0.0]
+
+    def train_seconds() -> float:
+        """Wall-clock training time over all sessions (evaluation excluded)."""
+        return elapsed0 + time.time() - t_start - eval_seconds[0]
+
+    def cpu_seconds() -> float:
+        """CPU time of the training process over all sessions (evaluation excluded): on a shared machine this is
+        the fairer measure of the work done."""
+        return cpu0 + time.process_time() - c_start - eval_cpu[0]
 
     def save(step: int) -> None:
+        secs = round(train_seconds(), 1)
         if out is not None:
-            m = dict(meta, steps_done=step, train_seconds=round(time.time() - t0, 1))
+            cpu = cpu_seconds()
+            m = dict(meta, steps_done=step, train_seconds=secs, cpu_seconds=round(cpu, 1) if np.isfinite(cpu) else None,
+                     history_tail=history[-4:], curve_tail=curve[-1:])
             save_builtin(G_ema, out, info=m)
+        if state_path is not None:
+            save_train_state(state_path, G=G, G_ema=G_ema, D=D, opt_g=opt_g, opt_d=opt_d, rngs=rngs, step=step,
+                             seconds=train_seconds(), gen_cfg=gen_cfg, cfg=cfg, info=info or {}, history=history,
+                             curve=curve, cpu_seconds=cpu_seconds())
 
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
-    step = 0
-    for step in bar:
-        # discriminator step
-        bi = torch.randint(0, n, (bs,), generator=g_data).to(device)
-        real, y = x_pub[bi], y_pub[bi]
-        yf = torch.randint(0, c_dim, (bs,), generator=g_z).to(device)
-        z = torch.randn(bs, gen_cfg.z_dim, generator=g_z).to(device)
-        onehot = F.one_hot(yf, c_dim).float() if gen_cfg.c_dim else None
-        with torch.no_grad():
-            fake = G(z, onehot)
-        d_real, cls_real = D(diff_augment(real, policy, g_aug), y)
-        d_fake, _ = D(diff_augment(fake, policy, g_aug), yf)
-        loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        if gen_cfg.c_dim and cfg.ac_weight > 0:
-            loss_d = loss_d + cfg.ac_weight * F.cross_entropy(cls_real, y)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        # generator step
-        z = torch.randn(bs, gen_cfg.z_dim, generator=g_z).to(device)
-        ws = G.mapping(z, onehot)
-        fake = G.synthesis(ws)
-        d_gen, cls_gen = D(diff_augment(fake, policy, g_aug), yf)
-        loss_g = -d_gen.mean()
-        ac = torch.zeros(())
-        if gen_cfg.c_dim and cfg.ac_weight > 0:
-            ac = F.cross_entropy(cls_gen, yf)
-            loss_g = loss_g + cfg.ac_weight * ac
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        G.mapping.update_w_avg(ws.detach(), onehot)
-        _ema_update(G_ema, G, min(cfg.ema_beta, (1 + step) / (10 + step)))
-        if not all(torch.isfinite(t) for t in (loss_d, loss_g)):
-            raise FedLatentError(f"GAN training diverged at step {step} (loss is NaN/inf); lower the learning rates")
-        if step % 25 == 0 or step == cfg.steps - 1:
-            acc_fake = (cls_gen.argmax(1) == yf).float().mean().item() if gen_cfg.c_dim else float("nan")
-            rec = {"step": step, "loss_d": round(loss_d.item(), 4), "loss_g": round(loss_g.item(), 4),
-                   "ac_fake": round(ac.item(), 4), "acc_fake": round(acc_fake, 3), "seconds": round(time.time() - t0, 1)}
-            history.append(rec)
-            bar.set_postfix(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", acc=f"{acc_fake:.2f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save(step + 1)
-        if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
-            break
-    bar.close()
-    steps_done = step + 1
-    meta["history_tail"] = history[-4:]
-    save(steps_done)
+    def run_eval(step: int) -> dict:
+        t0, c0 = time.time(), time.process_time()
+        with torch.random.fork_rng(devices=[]):
+            G_ema.set_noise_mode("const")
+            metrics = evaluate(G_ema)
+        eval_cpu[0] += time.process_time() - c0
+        cpu = cpu_seconds()
+        rec = {"step": step, "train_seconds": round(train_seconds(), 1),
+               "cpu_seconds": round(cpu, 1) if np.isfinite(cpu) else None, **metrics}
+        eval_seconds[0] += time.time() - t0
+        rec["eval_seconds"] = round(time.time() - t0, 1)
+        curve.append(rec)
+        if curve_path is not None:
+            with open(curve_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    last_eval = train_seconds() if (evaluate is not None and curve) else None
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc="pretrain", disable=not progress,
+               dynamic_ncols=True)
+    step = start
+    postfix: dict = {}
+    with torch.random.fork_rng(devices=[]):
+        if global_rng is not None:
+            torch.set_rng_state(global_rng)
+        else:
+            torch.manual_seed(derive_seed(cfg.seed, "pretrain", "global"))
+        try:
+            while step < cfg.steps:
+                _train_step(step, G, G_ema, D, opt_g, opt_d, x_pub, y_pub, sampler, present, policy, gen_cfg, cfg,
+                            g_data, g_z, g_aug, bs, history, postfix, train_seconds)
+                step += 1
+                bar.update(1)
+                if step % 25 == 0 or step == cfg.steps:
+                    bar.set_postfix(postfix, refresh=False)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save(step)
+                if evaluate is not None and eval_every_minutes and (
+                        last_eval is None or train_seconds() - last_eval >= eval_every_minutes * 60):
+                    rec = run_eval(step)
+                    last_eval = rec["train_seconds"]
+                    postfix.update({k: rec[k] for k in ("fidelity", "coverage", "fd") if k in rec})
+                if on_step is not None:
+                    on_step(step)
+                if cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60:
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            save(step)  # the state between two steps is consistent: resuming from it is exact
+            raise
+        bar.close()
+        if evaluate is not None and (not curve or curve[-1]["step"] != step):
+            run_eval(step)
+        save(step)
     G_ema.set_noise_mode("const")
-    return TrainResult(G_ema, steps_done, time.time() - t0, history)
+    return TrainResult(G_ema, step, train_seconds(), history, curve)
+
+
+def _train_step(step, G, G_ema, D, opt_g, opt_d, x_pub, y_pub, sampler, present, policy, gen_cfg, cfg, g_data, g_z,
+                g_aug, bs, history, postfix, train_seconds) -> None:
+    """One discriminator update (plus a lazy R1 update every ``cfg.r1_every`` steps) and one generator update."""
+    device = x_pub.device
+    c_dim = max(gen_cfg.c_dim, 1)
+    bi = sampler(bs, g_data).to(device)
+    real, y = x_pub[bi], y_pub[bi]
+    yf = present[torch.randint(0, len(present), (bs,), generator=g_z)].to(device)
+    z = torch.randn(bs, gen_cfg.z_dim, generator=g_z).to(device)
+    onehot = F.one_hot(yf, c_dim).float() if gen_cfg.c_dim else None
+    with torch.no_grad():
+        fake = G(z, onehot)
+    d_real, cls_real = D(diff_augment(real, policy, g_aug), y)
+    d_fake, _ = D(diff_augment(fake, policy, g_aug), yf)
+    loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    if gen_cfg.c_dim and cfg.ac_weight > 0:
+        loss_d = loss_d + cfg.ac_weight * F.cross_entropy(cls_real, y)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    r1 = None
+    if cfg.r1_gamma > 0 and step % cfg.r1_every == 0:
+        # lazy R1 (Mescheder et al. 2018; StyleGAN2 sec. 3.1): gamma/2 E||grad_x D(x)||^2 on (augmented) reals,
+        # weighted by the interval so the average strength does not depend on it
+        xr = diff_augment(real, policy, g_aug).detach().requires_grad_(True)
+        d_r, _ = D(xr, y)
+        (grad,) = torch.autograd.grad(d_r.sum(), xr, create_graph=True)
+        r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+        opt_d.zero_grad(set_to_none=True)
+        (r1 * (cfg.r1_gamma / 2) * cfg.r1_every).backward()
+        opt_d.step()
+    # generator step
+    z = torch.randn(bs, gen_cfg.z_dim, generator=g_z).to(device)
+    ws = G.mapping(z, onehot)
+    fake = G.synthesis(ws)
+    d_gen, cls_gen = D(diff_augment(fake, policy, g_aug), yf)
+    loss_g = -d_gen.mean()
+    ac = torch.zeros(())
+    if gen_cfg.c_dim and cfg.ac_weight > 0:
+        ac = F.cross_entropy(cls_gen, yf)
+        loss_g = loss_g + cfg.ac_weight * ac
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    G.mapping.update_w_avg(ws.detach(), onehot)
+    _ema_update(G_ema, G, min(cfg.ema_beta, (1 + step) / (10 + step)))
+    if not all(torch.isfinite(t) for t in (loss_d, loss_g)):
+        raise FedLatentError(f"GAN training diverged at step {step} (loss is NaN/inf); lower the learning rates")
+    if step % 25 == 0 or step == cfg.steps - 1:
+        acc_fake = (cls_gen.argmax(1) == yf).float().mean().item() if gen_cfg.c_dim else float("nan")
+        rec = {"step": step, "loss_d": round(loss_d.item(), 4), "loss_g": round(loss_g.item(), 4),
+               "ac_fake": round(ac.item(), 4), "acc_fake": round(acc_fake, 3), "seconds": round(train_seconds(), 1)}
+        if r1 is not None:
+            rec["r1"] = round(r1.item(), 4)
+        history.append(rec)
+        history[:] = history[-400:]  # bounded: the state checkpoint carries it
+        postfix.update(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", acc=f"{acc_fake:.2f}")
 
 
 def manifest_entry(path: str | os.PathLike, manifest_dir: str | os.PathLike, gen: BuiltinStyleGenerator,
@@ -327,4 +412,5 @@ def manifest_entry(path: str | os.PathLike, manifest_dir: str | os.PathLike, gen
 
 
 __all__ = ["public_split_indices", "private_split_indices", "parse_public_split", "ProjectionDiscriminator",
-           "diff_augment", "TrainConfig", "TrainResult", "train_generator", "manifest_entry"]
+           "MinibatchStd", "diff_augment", "TrainConfig", "TrainResult", "train_generator", "manifest_entry",
+           "save_train_state", "read_train_state", "state_path_for"]

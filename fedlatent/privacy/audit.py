@@ -141,7 +141,7 @@ def _synthetic(run_dir: Path):
         return ds.images.float(), y.long(), p.name
     p = run_dir / "pseudo.safetensors"
     if p.is_file():
-        from ..fl.dynafed import load_pseudo_set
+        from ..artifacts.pseudo import load_pseudo_set
 
         pseudo, _, _ = load_pseudo_set(p)
         return pseudo.images.float(), pseudo.soft_labels.argmax(1).long(), p.name

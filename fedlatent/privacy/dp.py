@@ -84,7 +84,7 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
 
 def participations(cfg: Any, client_id: int, upto: int | None = None) -> int:
     """How many of rounds 1..upto (default: all) of the engine's schedule include ``client_id``."""
-    from ..fl.simulation import client_schedule
+    from ..fl.schedule import client_schedule
 
     sched = client_schedule(cfg.clients, cfg.rounds, cfg.participation, cfg.seed)
     upto = cfg.rounds if upto is None else min(upto, cfg.rounds)
@@ -186,6 +186,12 @@ def dp_local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, privac
                    weight_decay: float = 0.0, global_params: Mapping[str, torch.Tensor] | None = None,
                    mu: float = 0.0) -> dict[str, float]:
     """DP-SGD version of :func:`fedlatent.fl.client.local_train` (same arguments, trains ``model`` in place).
+
+    Its own minibatch loop rather than :func:`fedlatent.train.fit`, on purpose: the privacy accounting (the
+    subsampled Gaussian mechanism) assumes Poisson sampling - every example joins every batch independently with
+    probability q, so batches vary in size and may be empty - while ``fit`` draws a fixed permutation per epoch
+    and cuts it into equal batches; and a DP step is not ``zero_grad, backward, step`` but per-sample gradients,
+    clipping and noise (Opacus's ``pre_step``), with FedProx's data-independent term added after the noise.
 
     Poisson batches and the noise come from two streams derived from ``generator``, so a run is reproducible.
     The FedProx term's gradient mu (w - w_g) does not depend on the data: it is added after clipping and

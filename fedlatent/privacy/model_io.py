@@ -11,22 +11,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..utils import FedLatentError, atomic_write
+from ..utils import FedLatentError, save_safetensors
 
 MODEL_FILE = "model.safetensors"
 
 
 def save_global_model(run_dir: str | os.PathLike, strategy) -> Path | None:
     """Write ``strategy.eval_model()`` (one module) to RUN_DIR/model.safetensors; None for a dict of models."""
-    from safetensors.torch import save_file
-
     model = strategy.eval_model()
     if not isinstance(model, nn.Module):
         return None
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(run_dir) / MODEL_FILE
-    atomic_write(path, lambda p: save_file(state, p, metadata={"format": "fedlatent.model/1",
-                                                               "method": str(getattr(strategy, "name", ""))}))
+    save_safetensors(path, state, metadata={"format": "fedlatent.model/1", "method": str(getattr(strategy, "name", ""))})
     return path
 
 

@@ -1,0 +1,462 @@
+"""FedDGM (Jia et al., arXiv 2312.01537; reference FedDG23/FedDG-main): federated learning through
+server-side *latent* trajectory matching (ALGORITHMS.md §2, §4).
+
+One round:
+
+1. **Clients.** Every selected client receives the global *surrogate* (a ConvNet, flat parameter vector
+   ``params``), trains ``local_epochs`` of SGD on its data (FLConfig ``lr`` / ``momentum`` / ``weight_decay``;
+   reference: lr 0.01, no momentum) and uploads its start and end parameters ``{"start", "end"}`` only. The
+   uploads go through the engine's screening (:func:`fedlatent.fl.validate.validate_uploads`); the server
+   additionally drops an upload whose ``start`` is not what it sent.
+2. **Server distillation, per client.** ``ipc`` latents per class for *all* classes are initialised from the
+   generator (``z ~ N(0, I)``, ``w = mapping(z, c)``, f_k rendered from w; pixel space: N(0, 1) noise), so no
+   client data ever reaches the server. Latent MTT (MTT eqs. 1-2 through the generator, GLaD) then matches the
+   one-segment trajectory ``start -> end`` of that client: the student starts at ``start``, takes ``syn_steps``
+   SGD steps (learnable lr) on the DSA-augmented rendered images, and the latents move to minimise
+   ``||theta_N - end||^2 / ||start - end||^2``. This is :class:`fedlatent.distill.distiller.Distiller` with a
+   :class:`fedlatent.generators.LatentSet` (chunked renderer) or a :class:`fedlatent.synthetic.PixelSet`, and
+   the exact constant-memory meta-gradient (the reference uses TESLA's approximate backward).
+3. **Pool and train.** The rendered sets of all clients are pooled (this round's only, as the reference; or
+   every round's with ``pool="all"``); the global model (any registry architecture, ``FLConfig.model``) and -
+   when it is another architecture - the surrogate are trained on the pool for ``train_epochs`` epochs (SGD,
+   DSA). There is no weight averaging: the surrogate trained on the pool is the next round's download.
+
+Which classes per client: all of them (the reference's ``prepare_latents`` is called without the client).
+Distilling only the classes a client holds would need the client to reveal which labels it has; the server
+otherwise sees parameters only, so this is deliberately not offered.
+
+Batched distillation of several clients at once (``batched``): :mod:`fedlatent.distill.batched`. The run
+driver behind ``fedlatent distill`` (presets, resume, report): :mod:`fedlatent.apps.distill`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...artifacts import DISTILLED_FILE, GRID_PATTERN
+from ...artifacts.grids import save_class_grid
+from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
+from ...distill.batched import distill_clients
+from ...distill.distiller import DistillConfig, Distiller
+from ...distill.pool import DistilledSet, Pool, harvest, map_distillation, pool_round, round_record
+from ...errors import FedLatentError
+from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
+from ...models.functional import FlatModel
+from ...train import fit_on_set
+from ...utils import derive_seed, torch_generator
+from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
+from ..client import _privacy, client_model, local_train
+from ..options import check_int, check_number, make_config
+
+log = logging.getLogger("fedlatent.fl.feddgm")
+
+
+@dataclass
+class FedDGMConfig:
+    """Options of :class:`FedDGM`. Defaults follow the reference (FedDG23/FedDG-main, its CIFAR-10 README command)
+    where it has one; ``fedlatent distill`` starts from a preset instead (:data:`fedlatent.apps.distill.PRESETS`:
+    "cpu", the default there, and "paper"), which says where it differs."""
+
+    generator: str | None = None
+    """Generator: a manifest name (``fedlatent pretrained list``) or a checkpoint path; None = the dataset's
+    default (:func:`fedlatent.generators.resolve.default_generator`)."""
+    space: str | None = None
+    """Latent space ``F<k>``, ``W+`` or ``pixel`` (GLaD); None = :func:`fedlatent.generators.resolve.default_space`
+    (F5 for StyleGAN-XL, as the reference's CIFAR-10 layer)."""
+    ipc: int = 10
+    """Distilled images per class per client (reference: 10)."""
+    iterations: int = 100
+    """MTT iterations per client and round (reference: 100)."""
+    syn_steps: int = 20
+    """Student steps per MTT iteration (MTT eq. 1; reference: 20)."""
+    lr_img: float = 1000.0
+    """SGD step on the f_k features / pixels (reference: 1000)."""
+    lr_w: float = 1.0
+    """SGD step on the w+ latents (reference: 1)."""
+    lr_lr: float = 1e-5
+    """SGD step on the learnable student lr in the reference's units (on the lr itself; reference: 1e-5); the
+    engine learns log lr with ``lr_lr / lr_teacher**2``."""
+    lr_teacher: float = 0.01
+    """Initial student lr (reference: 0.01)."""
+    momentum: float = 0.5
+    """Momentum of the latent / lr optimisers (MTT's 0.5)."""
+    batch_syn: int | None = None
+    """Synthetic images per student step; None = the whole set."""
+    init: str = "random"
+    """Latent initialisation: 'random' (z ~ N(0, I) through the mapping) or 'mean_w'."""
+    dsa: bool = True
+    """Differentiable siamese augmentation in the student steps (reference DSA)."""
+    dsa_strategy: str = DEFAULT_STRATEGY
+    """DSA transformations."""
+    mtt_mode: str = "exact"
+    """Meta-gradient: 'exact' (constant memory; the reference uses TESLA's approximation) or 'unrolled'."""
+    chunk_size: int = 64
+    """Images rendered per generator call (memory)."""
+    surrogate: str = "convnet"
+    """The buffer-free ConvNet the clients train and the server matches (any ConvNet spec, e.g.
+    ``convnet:width=32``); the global model is FLConfig ``model``."""
+    train_epochs: int = 1000
+    """Server epochs on the pooled distilled sets per round (reference ``inner_loop``: 1000)."""
+    train_lr: float = 0.01
+    """Server training SGD lr."""
+    train_momentum: float = 0.9
+    """Server training SGD momentum."""
+    train_weight_decay: float = 5e-4
+    """Server training weight decay."""
+    train_batch: int = 256
+    """Server training minibatch size."""
+    train_dsa: bool = True
+    """DSA during server training."""
+    pool: str = "round"
+    """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
+    batched: bool | str = "auto"
+    """Distil the clients as one batched computation (True), one after the other (False), or 'auto' (batched on
+    CUDA only; on CPU the grouped batch measured no faster than the loop, see benchmarks/RESULTS.md)."""
+    max_batch: int | None = None
+    """At most this many clients per batch (None: as many as memory allows)."""
+    classes: str = "all"
+    """Classes distilled per client: 'all' (the only choice: anything else needs the client's labels)."""
+    dataset: str | None = None
+    """The data set's name: picks the default generator and goes into the export metadata."""
+    progress: bool = True
+    """Progress bars during the distillation."""
+    save_artifacts: bool = True
+    """Write grids and distilled.safetensors into the run folder."""
+
+    def __post_init__(self):
+        from ...generators.latent import parse_space
+
+        chk_i = lambda name, lo: check_int("feddgm", name, getattr(self, name), lo)  # noqa: E731
+        chk_n = lambda name, positive=False: check_number("feddgm", name, getattr(self, name), positive)  # noqa: E731
+        self.generator = None if self.generator in (None, "", "none") else str(self.generator)
+        self.space = None if self.space in (None, "", "auto") else str(self.space)
+        if self.space is not None:
+            parse_space(self.space)
+        self.ipc, self.iterations, self.syn_steps = chk_i("ipc", 1), chk_i("iterations", 0), chk_i("syn_steps", 1)
+        self.lr_img, self.lr_w, self.lr_lr = chk_n("lr_img"), chk_n("lr_w"), chk_n("lr_lr")
+        self.lr_teacher = chk_n("lr_teacher", positive=True)
+        self.momentum = chk_n("momentum")
+        self.batch_syn = None if self.batch_syn is None else chk_i("batch_syn", 1)
+        if self.init not in ("random", "mean_w"):
+            raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {self.init!r}")
+        self.dsa, self.dsa_strategy = bool(self.dsa), str(self.dsa_strategy)
+        parse_strategy(self.dsa_strategy)
+        if self.mtt_mode not in ("exact", "unrolled"):
+            raise FedLatentError(f"feddgm: mtt_mode must be 'exact' or 'unrolled', got {self.mtt_mode!r}")
+        self.chunk_size = chk_i("chunk_size", 1)
+        self.surrogate = str(self.surrogate)
+        self.train_epochs = chk_i("train_epochs", 0)
+        self.train_lr, self.train_momentum = chk_n("train_lr"), chk_n("train_momentum")
+        self.train_weight_decay = chk_n("train_weight_decay")
+        self.train_batch = chk_i("train_batch", 1)
+        self.train_dsa = bool(self.train_dsa)
+        if self.pool not in ("round", "all"):
+            raise FedLatentError(f"feddgm: pool must be 'round' or 'all', got {self.pool!r}")
+        if self.batched not in (True, False, "auto"):
+            raise FedLatentError(f"feddgm: batched must be true, false or 'auto', got {self.batched!r}")
+        self.max_batch = None if self.max_batch is None else chk_i("max_batch", 1)
+        if self.classes != "all":
+            raise FedLatentError("feddgm: classes must be 'all' (the server cannot know which classes a client "
+                                 "holds without the client disclosing its labels)")
+        self.dataset = None if self.dataset is None else str(self.dataset)
+        self.progress, self.save_artifacts = bool(self.progress), bool(self.save_artifacts)
+
+
+@register_method("feddgm")
+class FedDGM(Strategy):
+    """FedDGM: client trajectories -> server latent MTT per client -> train on the pooled distilled sets.
+
+    Options: :class:`FedDGMConfig` (``FedDGM(config)`` or ``FedDGM(**options)``).
+
+    ``distill_map`` (not an option; set by :meth:`fedlatent.backends.ray.RayBackend.attach`): a client runner
+    ``(fn, jobs) -> [fn(*job) ...]``; when set, the looped per-client distillation runs through it, one
+    :meth:`distill_client` job per client (the batched path ignores it). What a parallel runner ships to its
+    workers is :meth:`worker_view`.
+    """
+
+    config_class = FedDGMConfig
+    distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
+
+    def __init__(self, config: FedDGMConfig | None = None, **options):
+        from ...generators.latent import PIXEL, parse_space
+
+        self.config = make_config(FedDGMConfig, config, options)
+        d = dataclasses.asdict(self.config)
+        # the names the strategy has always used for these three (generator/space are resolved in setup)
+        self.generator_name, self.surrogate_spec, self.pool_mode = d.pop("generator"), d.pop("surrogate"), d.pop("pool")
+        vars(self).update(d)
+        self._pixel = self.space is not None and parse_space(self.space) == PIXEL
+        self.pool: Pool | None = None
+        self.round_log: list[dict[str, Any]] = []
+
+    def options(self) -> dict[str, Any]:
+        o = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("progress", "save_artifacts")}
+        o.update(generator=self.generator_name, space=self.space)  # as resolved by setup
+        return o
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self, ctx: FLContext) -> None:
+        from ...generators import load_generator
+        from ...generators.latent import PIXEL, parse_space
+        from ...generators.registry import complete_generator_spec, no_generator_message
+
+        super().setup(ctx)
+        self.G = None
+        if not self._pixel:
+            name = self.generator_name
+            if name is None:
+                name = default_generator(self.dataset or "")
+            if name is None:
+                raise FedLatentError("feddgm: " + no_generator_message(self.dataset or "DATASET"))
+            name = complete_generator_spec(name, ctx.channels, ctx.image_size, ctx.num_classes)  # random:...
+            self.G = load_generator(name, device=ctx.device)
+            self._g_source = (name, self.G)  # worker_view ships this G by name (a worker loads it itself)
+            self.generator_name = name
+            if self.space is None:
+                self.space = default_space(self.G)
+            if parse_space(self.space) == PIXEL:
+                self._pixel, self.G = True, None
+            else:
+                if self.G.img_channels != ctx.channels:
+                    raise FedLatentError(f"feddgm: generator {name!r} makes {self.G.img_channels}-channel images, the "
+                                         f"dataset has {ctx.channels}")
+                if self.G.c_dim and self.G.c_dim < ctx.num_classes:
+                    raise FedLatentError(f"feddgm: generator {name!r} knows {self.G.c_dim} classes, the dataset has "
+                                         f"{ctx.num_classes}")
+                self.G.check_k(parse_space(self.space))
+        if self._pixel:
+            self.space = "pixel"
+        self.generator_sha256 = generator_identity(self.generator_name)[1] if self.G is not None else None
+        self.model = ctx.build_model()
+        if self.surrogate_spec == ctx.config.model:
+            self.surrogate = self.model
+        else:
+            self.surrogate = ctx.build_model(self.surrogate_spec, key="feddgm-surrogate")
+        if any(True for _ in self.surrogate.buffers()):
+            raise FedLatentError(f"feddgm: the surrogate {self.surrogate_spec!r} has buffers (e.g. batch norm); "
+                                 "trajectory matching needs a buffer-free student such as the instance-norm ConvNet")
+        self.flat = FlatModel(self.surrogate)
+        self._sent: tuple[int, torch.Tensor] | None = None
+        self.pool, self.round_log = None, []
+
+    # -- engine hooks ----------------------------------------------------------------------------------
+    def client_payload(self, rnd: int, client_id: int) -> TensorDict:
+        if self._sent is None or self._sent[0] != rnd:
+            self._sent = (rnd, self.flat.flatten())
+        return {"params": self._sent[1]}
+
+    def client_update(self, ctx: FLContext, rnd: int, client_id: int, payload: TensorDict, data: ClientData) -> Upload:
+        cfg = ctx.config
+        model = client_model(ctx, self.surrogate_spec)
+        flat = FlatModel(model)
+        start = payload["params"].detach()
+        flat.load(start)
+        metrics = local_train(model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              generator=torch_generator(cfg.seed, "client", rnd, data.client_id),
+                              privacy=_privacy(ctx, data.client_id))  # DP-SGD with FLConfig.dp (fedlatent.privacy.dp)
+        return Upload(client_id=data.client_id, tensors={"start": start.clone(), "end": flat.flatten()},
+                      num_samples=len(data), metrics=metrics)
+
+    def expected_upload(self, client_id: int) -> UploadSpec:
+        p = next(self.surrogate.parameters())
+        return {"start": ((self.flat.numel,), p.dtype), "end": ((self.flat.numel,), p.dtype)}
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    # -- the server ------------------------------------------------------------------------------------
+    def _synthetic(self, seed: int):
+        """A fresh synthetic set for one client: latents for all classes (or pixel noise) and the labels."""
+        from ...generators.latent import LatentSet
+        from ...synthetic import PixelSet
+
+        ctx = self.ctx
+        labels = torch.arange(ctx.num_classes).repeat_interleave(self.ipc).to(ctx.device)
+        if self._pixel:
+            g = torch_generator(seed, "init", "pixel")
+            x = torch.randn(len(labels), ctx.channels, ctx.image_size, ctx.image_size, generator=g)
+            syn = PixelSet(x.to(ctx.device))
+            return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
+        ls = LatentSet.initialize(self.G, self.space, self.ipc, num_classes=ctx.num_classes, seed=seed, init=self.init,
+                                  mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
+        return ls, labels, torch.optim.SGD(ls.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
+
+    def make_distillers(self, rnd: int, uploads: Sequence[Upload]) -> list[Distiller]:
+        """One engine Distiller per upload: start -> end segment, fresh latents, seeds (seed, round, client)."""
+        ctx = self.ctx
+        out = []
+        for u in uploads:
+            seed = derive_seed(ctx.config.seed, "feddgm", rnd, u.client_id)
+            start = u.tensors["start"].detach().to(ctx.device)
+            end = u.tensors["end"].detach().to(ctx.device)
+            syn, labels, opt = self._synthetic(derive_seed(seed, "latents"))
+            cfg = DistillConfig(syn_steps=self.syn_steps, expert_epochs=1, max_start_epoch=1, batch_syn=self.batch_syn,
+                                lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2, lr_label=0.0,
+                                lr_teacher=self.lr_teacher, momentum=self.momentum, mode=self.mtt_mode,
+                                dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)), dsa_strategy=self.dsa_strategy,
+                                dsa_siamese=False, seed=derive_seed(seed, "mtt"))
+            out.append(Distiller(self.surrogate, syn, labels, (lambda it, s=start, e=end: (s, e)), cfg,
+                                 image_optimizer=opt))
+        return out
+
+    def _use_batched(self) -> bool:
+        if self.batched == "auto":
+            return torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
+        return bool(self.batched)
+
+    def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
+        ctx = self.ctx
+        sent = self._sent[1] if self._sent is not None else self.flat.flatten()
+        good: list[Upload] = []
+        mismatch = unchanged = 0
+        for u in sorted(uploads, key=lambda u: u.client_id):
+            if not torch.equal(u.tensors["start"].to(sent), sent):
+                log.warning("round %d: client %d uploaded a start that is not the global surrogate; dropped",
+                            rnd, u.client_id)
+                mismatch += 1
+            elif torch.equal(u.tensors["end"], u.tensors["start"]):
+                log.warning("round %d: client %d did not move (end == start); nothing to distil", rnd, u.client_id)
+                unchanged += 1
+            else:
+                good.append(u)
+        extra: dict[str, float] = {"start_mismatch": float(mismatch), "unchanged": float(unchanged)}
+        if not good:
+            log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
+            return extra
+        ids = [u.client_id for u in good]
+        # server distillation, one set per client: looped here, batched (distill.batched), or a parallel runner
+        t0 = time.perf_counter()
+        use_batch = self._use_batched() and self.mtt_mode == "exact"
+        if self.distill_map is not None and not use_batch:
+            sets, bsz = map_distillation(self.distill_map, self.distill_client, rnd, ids, good), 1
+            t_distill = time.perf_counter() - t0
+        else:
+            distillers = self.make_distillers(rnd, good)
+            runs, bsz = distill_clients(distillers, ids, self.iterations, batched=use_batch, max_batch=self.max_batch,
+                                        device=ctx.device, progress=self.progress, desc=f"feddgm round {rnd}")
+            t_distill = time.perf_counter() - t0
+            sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
+        this_round, dropped = pool_round(sets, ids, rnd)
+        extra["distill_dropped"] = float(len(dropped))
+        if this_round is None:
+            return extra
+        self.pool = this_round if self.pool_mode == "round" or self.pool is None else Pool.cat([self.pool, this_round])
+        # server training on the pool (reference epoch_global): the global model, and the surrogate if it is another
+        t1 = time.perf_counter()
+        aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
+        targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
+        train_loss = {}
+        for name, m in targets:
+            opt = torch.optim.SGD(m.parameters(), lr=self.train_lr, momentum=self.train_momentum,
+                                  weight_decay=self.train_weight_decay)
+            train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
+                                          batch_size=self.train_batch, augment=aug,
+                                          generator=torch_generator(ctx.config.seed, "feddgm", "train", rnd, name))
+        t_train = time.perf_counter() - t1
+        entry, metrics = round_record([st.run for st in sets], rnd, bsz, dropped)
+        self.round_log.append(entry)
+        extra.update(metrics)
+        extra.update({"pool_size": float(len(self.pool.images)), "server_train_loss": train_loss["global"],
+                      "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz)})
+        if "surrogate" in train_loss:
+            extra["surrogate_train_loss"] = train_loss["surrogate"]
+        if self.save_artifacts and getattr(ctx, "run_dir", None):
+            self.save_round(ctx.run_dir, rnd)
+        return extra
+
+    def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:
+        """Run the looped per-client distillation through a parallel backend's ``client_map``."""
+        self.distill_map = client_map
+
+    def distill_client(self, rnd: int, upload: Upload) -> DistilledSet:
+        """The server distillation of one client on its own (a :attr:`distill_map` job): the same distiller,
+        seeds and iterations as the loop over all clients, so the same numbers. In a :meth:`worker_view` the
+        generator is loaded here, by name, once per process (:func:`worker_generator`)."""
+        if self.G is None and getattr(self, "_g_by_name", None) is not None:
+            self.G = worker_generator(self._g_by_name, self.ctx.device, self.generator_sha256)
+        d = self.make_distillers(rnd, [upload])[0]
+        runs, _ = distill_clients([d], [upload.client_id], self.iterations, batched=False, progress=False)
+        return harvest(d, runs[0], self._pixel)
+
+    def worker_view(self) -> "FedDGM":
+        """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
+        shallow copy without the pool, the round log, the global model (when it is not the surrogate), the
+        flat-parameter helper, the sent payload and the runner hook. The generator goes by name when setup
+        loaded it from one (the worker loads it itself, once per process, and checks its sha256 against this
+        run's); a generator object set on the strategy otherwise (e.g. ``strategy.G = obj`` in a program) has
+        no name to load and is shipped as it is. On a cluster, the name must therefore resolve on every node
+        (same manifest entry / checkpoint path)."""
+        v = copy.copy(self)
+        d = v.__dict__
+        d.pop("distill_map", None)
+        d.update(pool=None, round_log=[], _sent=None, flat=None)
+        if getattr(self, "surrogate", None) is not getattr(self, "model", None):
+            d["model"] = None
+        src = getattr(self, "_g_source", None)
+        d["_g_source"] = None
+        if self.__dict__.get("G") is not None and src is not None and src[1] is self.G:
+            d["G"], d["_g_by_name"] = None, src[0]
+        return v
+
+    # -- artefacts -------------------------------------------------------------------------------------
+    def export_metadata(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {"method": "feddgm", "options": self.options(), "surrogate": self.surrogate_spec,
+                "model": ctx.config.model, "clients": ctx.config.clients, "partition": ctx.config.partition,
+                "alpha": ctx.config.alpha, "rounds_done": self.round_log[-1]["round"] if self.round_log else 0}
+
+    def save_distilled(self, path: str | os.PathLike, uint8: bool = False) -> Path | None:
+        """Write the current pool as a distilled set (:mod:`fedlatent.export`); None when there is no pool."""
+        from ...export import save_distilled
+
+        if self.pool is None:
+            return None
+        ctx = self.ctx
+        p = self.pool
+        return save_distilled(path, p.images, p.labels, dataset=self.dataset or "",
+                              class_names=ctx.class_names, mean=ctx.mean, std=ctx.std,
+                              generator=self.generator_name if self.G is not None else None,
+                              generator_sha256=self.generator_sha256, latent_space=self.space, ipc=self.ipc,
+                              seed=ctx.config.seed, clients=p.clients, rounds=p.rounds,
+                              latents={"ws": p.ws, "f_k": p.f_k}, extra=self.export_metadata(), uint8=uint8)
+
+    def save_round(self, folder: str | os.PathLike, rnd: int) -> None:
+        folder = Path(folder)
+        self.save_distilled(folder / DISTILLED_FILE)
+        cur = self.pool
+        mask = cur.rounds == rnd
+        save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], cur.labels[mask], cur.clients[mask],
+                        self.ctx.mean, self.ctx.std, self.ctx.class_names,
+                        title=f"FedDGM round {rnd}: distilled images per class ({self.space}; columns ordered by client)")
+
+    # -- checkpoint ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        st: dict[str, Any] = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                              "pool": None if self.pool is None else self.pool.state(),
+                              "round_log": copy.deepcopy(self.round_log)}
+        if self.surrogate is not self.model:
+            st["surrogate"] = {k: v.detach().clone() for k, v in self.surrogate.state_dict().items()}
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.surrogate is not self.model:
+            if "surrogate" not in state:
+                raise FedLatentError("feddgm: checkpoint has no surrogate state but the run uses a separate surrogate")
+            self.surrogate.load_state_dict(state["surrogate"])
+        self.pool = Pool.from_state(state.get("pool"))
+        self.round_log = list(state.get("round_log") or [])
+        self._sent = None
+
+
+__all__ = ["FedDGM", "FedDGMConfig", "Pool", "DistilledSet", "harvest"]

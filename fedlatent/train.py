@@ -1,0 +1,122 @@
+"""The one supervised minibatch loop (:func:`fit`) and central evaluation (:func:`evaluate`).
+
+Every "train a model on tensors" need runs :func:`fit`: clients' local SGD (:func:`fedlatent.fl.client.local_train`,
+FedProx's proximal term through ``loss_fn``), expert trajectories (:func:`fedlatent.distill.experts.train_experts`),
+FedMD's digest, FedDF's server distillation (a step budget and early stopping through ``on_step``), training on a
+synthetic set (:func:`fit_on_set`: FedDGM's server training on the pool, DynaFed's fine-tuning, the evaluation of
+a distilled set). What differs between them - the loss, the optimiser, how augmentation is seeded, what is
+logged, when to stop - comes in as arguments; the order of operations per minibatch is always: seeded
+permutation per epoch, gather, augment, forward, loss, ``zero_grad``, backward, step.
+
+The loops that are *not* this one, on purpose: the MTT student steps (:mod:`fedlatent.distill.mtt`: a
+differentiable functional update with a learnable step size, whose meta-gradient goes through every step) and
+the generator training of :mod:`fedlatent.generators.train` (two alternating adversarial objectives).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, *, epochs: int | Iterable[int],
+        batch_size: int, generator: torch.Generator | None, loss_fn: LossFn | None = None,
+        augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        augment_seed: Callable[[int, int], int] | None = None, on_epoch: Callable[[int], None] | None = None,
+        on_step: Callable[[torch.Tensor, int], bool | None] | None = None,
+        on_epoch_end: Callable[[int], None] | None = None) -> int:
+    """Minibatch training of ``model`` in place on ``(x, y)``; returns the number of optimiser steps.
+
+    Per epoch (``epochs``: a count, or any iterable of epoch indices, e.g. a progress bar) the batch order is
+    ``torch.randperm(n, generator)``; the last batch may be smaller. ``loss_fn(model, xb, yb)`` returns the
+    objective, or ``(objective, reported)`` (default: cross-entropy); ``augment(xb, seed)`` gets the seed
+    ``augment_seed(epoch, batch)`` or, without it, the next draw of ``generator``. ``on_step(reported, batch
+    size)`` runs after every step (a true return value stops training); ``on_epoch(ep)`` before and
+    ``on_epoch_end(ep)`` after every epoch. The model's train/eval mode is the caller's.
+    """
+    loss_fn = loss_fn or _cross_entropy
+    n = int(x.shape[0])
+    steps = 0
+    for ep in (range(epochs) if isinstance(epochs, int) else epochs):
+        if on_epoch is not None:
+            on_epoch(ep)
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for b, i in enumerate(range(0, n, batch_size)):
+            idx = order[i : i + batch_size]
+            xb = x.index_select(0, idx)
+            if augment is not None:
+                seed = augment_seed(ep, b) if augment_seed is not None else \
+                    int(torch.randint(0, 2**62, (1,), generator=generator))
+                xb = augment(xb, seed)
+            out = loss_fn(model, xb, y.index_select(0, idx))
+            loss, reported = out if isinstance(out, tuple) else (out, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if on_step is not None and on_step(reported, len(idx)):
+                return steps
+        if on_epoch_end is not None:
+            on_epoch_end(ep)
+    return steps
+
+
+def fit_on_set(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, opt: torch.optim.Optimizer, *,
+               epochs: int, batch_size: int, augment: Callable[[torch.Tensor, int | None], torch.Tensor] | None,
+               generator: torch.Generator, on_epoch: Callable[[int], None] | None = None) -> float:
+    """Train ``model`` in place on a small (synthetic) set: ``epochs`` shuffled passes of ``opt`` over
+    minibatches, optionally augmented (DSA), with :func:`~fedlatent.distill.kernels.student_loss`
+    (hard int labels or soft-label logits); the data go to the model's device and the model's mode is restored.
+
+    Behind evaluating a distilled set, DynaFed's server fine-tuning and FedDGM's server training on the pool.
+    Shuffles and augmentation seeds come from ``generator``; ``on_epoch(ep)`` runs before each epoch (e.g. an
+    lr decay). Returns the mean minibatch loss (nan when no step was taken).
+    """
+    from .distill.kernels import student_loss
+
+    n = int(x_all.shape[0])
+    if epochs <= 0 or n == 0:
+        return math.nan
+    device = next(model.parameters()).device
+    x_all, y_all = x_all.detach().to(device), y_all.detach().to(device)
+    was_training = model.training
+    model.train()
+    total = [0.0]
+
+    def log(loss: torch.Tensor, _n: int) -> None:
+        total[0] += float(loss.detach())
+
+    steps = fit(model, x_all, y_all, opt, epochs=epochs, batch_size=batch_size, generator=generator,
+                loss_fn=lambda m, xb, yb: student_loss(m(xb), yb), augment=augment, on_epoch=on_epoch, on_step=log)
+    model.train(was_training)
+    return total[0] / steps if steps else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on (x, y), in eval mode and without grad."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        for i in range(0, int(y.shape[0]), batch_size):
+            logits = model(x[i : i + batch_size])
+            yb = y[i : i + batch_size]
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    n = max(int(y.shape[0]), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+__all__ = ["fit", "fit_on_set", "evaluate"]
