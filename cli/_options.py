@@ -197,6 +197,27 @@ def option_strings(texts, *config_classes, option: str = "-O") -> dict:
     return out
 
 
+def data_options(image_size: bool = True):
+    """``--dataset``, ``--data-root`` and (optionally) ``--image-size``: the data options of every command that
+    loads a dataset (:func:`fedlatent.data.load_dataset`), declared once; the command gets ``dataset``,
+    ``data_root`` and ``image_size``."""
+
+    def deco(command):
+        if image_size:
+            command = click.option("--image-size", type=click.IntRange(4, 512), default=None,
+                                   help="Resize images to this many pixels per side. "
+                                        "[default: 16 for digits, native otherwise]")(command)
+        command = click.option("--data-root", type=click.Path(file_okay=False), default=None,
+                               help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision "
+                                    "cache).")(command)
+        return click.option("--dataset", default="digits", show_default=True,
+                            help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or "
+                                 "hf:/path/to/folder (a Hugging Face DatasetDict saved with save_to_disk, train and "
+                                 "test splits).")(command)
+
+    return deco
+
+
 def progress_option(command):
     """``--no-progress`` / ``--quiet`` / ``-q``: one flag, the same meaning in every command (no progress bars);
     the command gets ``no_progress``."""

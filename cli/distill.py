@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import click
+from fedlatent.cli._options import (
+    audit_option,
+    backend_from_cli,
+    backend_options,
+    baseline_option,
+    config_option,
+    data_options,
+    fl_options,
+    fl_values,
+    log_option,
+    method_option,
+    option_strings,
+    progress_option,
+    run_audit,
+)
 
-from fedlatent.cli._options import (audit_option, backend_from_cli, backend_options, baseline_option, config_option,
-                                    fl_options, fl_values, log_option, method_option, option_strings, progress_option,
-                                    run_audit)
 from fedlatent.configfile import distill_options
 from fedlatent.utils import FedLatentError
 
@@ -17,13 +29,7 @@ from fedlatent.utils import FedLatentError
                    "8 syn_steps); paper: the FedDGM reference schedule for GPUs (10 clients, Dirichlet 0.5, 20 rounds, "
                    "ConvNet-D3 width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5). "
                    "Every option below overrides the preset (`fedlatent methods feddgm` lists what each preset sets).")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
-                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
-@click.option("--image-size", type=click.IntRange(4, 512), default=None,
-              help="Resize images to this many pixels. [default: 16 for digits, native otherwise]")
+@data_options()
 @fl_options(None, "[default: the preset's]")
 @click.option("--ipc", type=click.IntRange(1), default=None, help="Distilled images per class per client.")
 @click.option("--iterations", type=click.IntRange(0), default=None, help="MTT iterations per client and round.")

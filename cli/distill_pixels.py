@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import click
-
-from fedlatent.cli._options import progress_option
+from fedlatent.cli._options import data_options, progress_option
 
 
 @click.command("distill-pixels")
-@click.option("--dataset", default="digits", show_default=True, help="Dataset name (or npz:/folder).")
-@click.option("--data-root", default=None, help="Folder holding the dataset files (else $FEDLATENT_DATA).")
+@data_options(image_size=False)
 @click.option("--ipc", type=int, default=1, show_default=True, help="Synthetic images per class.")
 @click.option("--syn-steps", type=int, default=20, show_default=True, help="Student steps per iteration (N).")
 @click.option("--expert-epochs", type=int, default=2, show_default=True, help="Expert epochs to match (M).")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-
+from fedlatent.cli._options import data_options
 
 #: options that do not change the trained weights (left out of the recorded command)
 _OPERATIONAL = ("quiet", "resume", "state", "eval_every", "eval_per_class", "eval_gan_train_epochs", "curve",
@@ -33,10 +33,7 @@ def _command_line(ctx: click.Context, params: dict | None = None) -> str:
 
 
 @click.command("pretrain")
-@click.option("--dataset", default="digits", show_default=True, help="Dataset name (or npz:/folder).")
-@click.option("--data-root", default=None, help="Folder holding the dataset files (else $FEDLATENT_DATA).")
-@click.option("--image-size", type=int, default=None,
-              help="Resize images to this many pixels (digits: 16 by default, like `fedlatent simulate`).")
+@data_options()
 @click.option("--public-split", "public_split", default="0.1", show_default=True,
               help="Public part of the train set: a fraction (0.1) or a count (6000), optionally ':seed=N'. "
                    "The federated clients never see these images.")
@@ -125,7 +122,12 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
     from fedlatent.generators.builtin import BuiltinConfig
     from fedlatent.generators.registry import MANIFEST_NAME, write_manifest_entry
     from fedlatent.generators.train import (
-        TrainConfig, manifest_entry, parse_public_split, public_split_indices, state_path_for, train_generator,
+        TrainConfig,
+        manifest_entry,
+        parse_public_split,
+        public_split_indices,
+        state_path_for,
+        train_generator,
     )
     from fedlatent.utils import FedLatentError
 

@@ -4,9 +4,21 @@ from __future__ import annotations
 import time
 
 import click
+from fedlatent.cli._options import (
+    audit_option,
+    backend_from_cli,
+    backend_options,
+    config_option,
+    data_options,
+    fl_options,
+    fl_values,
+    log_option,
+    method_option,
+    option_strings,
+    progress_option,
+    run_audit,
+)
 
-from fedlatent.cli._options import (audit_option, backend_from_cli, backend_options, config_option, fl_options,
-                                    fl_values, log_option, method_option, option_strings, progress_option, run_audit)
 from fedlatent.configfile import simulate_options
 from fedlatent.fl.base import FLConfig
 from fedlatent.utils import FedLatentError
@@ -17,13 +29,7 @@ from fedlatent.utils import FedLatentError
 @click.option("--method", default="fedavg", show_default=True,
               help="Federated method: fedavg, fedprox, feddf, fedmd, dynafed, feddgm, or any other registered method "
                    "(`fedlatent methods` lists them and their options).")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits, mnist, fashion-mnist, cifar10, cifar100, npz:/path/to/folder, or hf:/path/to/folder "
-                   "(a Hugging Face DatasetDict saved with save_to_disk, train and test splits).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="Folder searched first for datasets (then $FEDLATENT_DATA, then the torchvision cache).")
-@click.option("--image-size", type=click.IntRange(4, 512), default=None,
-              help="Resize images to this many pixels per side. [default: 16 for digits, native otherwise]")
+@data_options()
 @fl_options(FLConfig())
 @click.option("--mu", type=click.FloatRange(min=0), default=None,
               help="FedProx proximal coefficient mu in (mu/2)||w - w_global||^2 (fedprox only). [default: 0.01]")
