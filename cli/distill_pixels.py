@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+
 from fedlatent.cli._options import data_options, progress_option
 
 

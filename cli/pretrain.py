@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+
 from fedlatent.cli._options import data_options
 
 #: options that do not change the trained weights (left out of the recorded command)

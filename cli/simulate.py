@@ -4,20 +4,10 @@ from __future__ import annotations
 import time
 
 import click
-from fedlatent.cli._options import (
-    audit_option,
-    backend_from_cli,
-    backend_options,
-    config_option,
-    data_options,
-    fl_options,
-    fl_values,
-    log_option,
-    method_option,
-    option_strings,
-    progress_option,
-    run_audit,
-)
+
+from fedlatent.cli._options import (audit_option, backend_from_cli, backend_options, config_option, data_options,
+                                    fl_options, fl_values, log_option, method_option, option_strings, progress_option,
+                                    run_audit)
 
 from fedlatent.configfile import simulate_options
 from fedlatent.fl.base import FLConfig
