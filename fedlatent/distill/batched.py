@@ -278,19 +278,11 @@ def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], 
         return runs, 0
     if not batched:
         for d, r in zip(distillers, runs):
-            bar = tqdm(range(iterations), desc=f"{desc} client {r.client_id}", disable=not progress, leave=False,
-                       dynamic_ncols=True)
-            for _ in bar:
-                try:
-                    st = d.step()
-                except FedLatentError as e:
-                    if not is_diverged(e):
-                        raise
-                    r.failure = f"iteration {d.it}: {e}"
-                    break
-                r.losses.append(float(st.loss))
-                bar.set_postfix(loss=f"{st.loss:.4f}")
-            bar.close()
+            done = len(d.history)
+            d.run(iterations, progress, desc=f"{desc} client {r.client_id}",
+                  postfix=lambda st: {"loss": f"{st.loss:.4f}"}, stop_on_divergence=True)
+            r.losses.extend(float(h.loss) for h in d.history[done:])
+            r.failure = d.failure
             r.lr = d.lr
         return runs, 1
     d0 = distillers[0]

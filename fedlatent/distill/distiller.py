@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models.functional import FlatModel
 from ..synthetic import SyntheticSet
-from ..errors import DivergedError, FedLatentError
+from ..errors import DivergedError, FedLatentError, is_diverged
 from ..utils import derive_seed
 from .augment import DEFAULT_STRATEGY, DSA
 from .kernels import make_kernel
@@ -109,6 +109,7 @@ class Distiller:
         self.opt_label = torch.optim.SGD([self.labels], lr=cfg.lr_label, momentum=cfg.momentum) if self.soft else None
         self.history: list[IterationLog] = []
         self.it = 0
+        self.failure: str | None = None  # where run(stop_on_divergence=True) stopped
 
     @property
     def lr(self) -> float:
@@ -167,17 +168,35 @@ class Distiller:
         lr and labels are restored to their last good values and a :class:`DivergedError` is raised."""
         return self.apply(self.compute())
 
-    def run(self, iterations: int, progress: bool = True, callback: Callable[[IterationLog], None] | None = None
-            ) -> list[IterationLog]:
+    def run(self, iterations: int, progress: bool = True, callback: Callable[[IterationLog], None] | None = None,
+            *, desc: str | None = None, postfix: Callable[[IterationLog], dict | None] | None = None,
+            stop_on_divergence: bool = False) -> list[IterationLog]:
+        """``iterations`` calls of :meth:`step` under a progress bar: the one iteration loop of every MTT engine
+        (pixel MTT, DynaFed's synthesis, FedDGM's looped clients).
+
+        ``postfix(log)`` gives the bar's postfix (default: loss and lr; None leaves it). With
+        ``stop_on_divergence`` a :class:`DivergedError` ends the loop instead of propagating: the set keeps its
+        last good state and :attr:`failure` says where (``"iteration IT: ..."``); other errors propagate.
+        """
         from tqdm import tqdm
 
-        bar = tqdm(range(iterations), desc=f"MTT ({self.config.mode}, {self.kernel_name})", disable=not progress,
-                   leave=False)
+        self.failure = None
+        bar = tqdm(range(iterations), desc=desc or f"MTT ({self.config.mode}, {self.kernel_name})",
+                   disable=not progress, leave=False, dynamic_ncols=True)
         for _ in bar:
-            log = self.step()
-            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}")
+            try:
+                log = self.step()
+            except FedLatentError as e:
+                if not (stop_on_divergence and is_diverged(e)):
+                    raise
+                self.failure = f"iteration {self.it}: {e}"
+                break
+            shown = postfix(log) if postfix is not None else {"loss": f"{log.loss:.4f}", "lr": f"{log.lr:.2e}"}
+            if shown:
+                bar.set_postfix(**shown)
             if callback is not None:
                 callback(log)
+        bar.close()
         return self.history
 
     def state(self) -> dict:

@@ -12,10 +12,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..artifacts.pseudo import PseudoSet
-from ..errors import FedLatentError, is_diverged
+from ..errors import FedLatentError
 from ..train import fit_on_set
 from ..utils import derive_seed, torch_generator
 from .augment import DSA, parse_strategy
@@ -118,19 +117,15 @@ def synthesize(student: nn.Module, snapshots: Sequence[torch.Tensor], num_classe
     distiller.opt_label = torch.optim.Adam([distiller.labels], lr=cfg.lr_label)
     distiller.opt_lr = torch.optim.Adam([distiller.log_lr], lr=cfg.lr_lr / cfg.lr_teacher)
     res = SynthesisResult(pseudo=None)
-    bar = tqdm(range(cfg.iterations), desc="dynafed synthesis", disable=not progress, leave=False, dynamic_ncols=True)
-    for it in bar:
-        try:
-            step = distiller.step()
-        except FedLatentError as e:
-            if not is_diverged(e):
-                raise
-            res.failure = f"iteration {it}: {e}"
-            break
-        res.losses.append(float(step.loss))
-        if it % 10 == 0 or it == cfg.iterations - 1:
-            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr * num_classes:.4g}")
-    bar.close()
+
+    def postfix(step) -> dict | None:  # every 10th iteration and the last, lr in the reference's units
+        if step.it % 10 == 0 or step.it == cfg.iterations - 1:
+            return {"loss": f"{step.loss:.4f}", "lr": f"{step.lr * num_classes:.4g}"}
+        return None
+
+    distiller.run(cfg.iterations, progress, desc="dynafed synthesis", postfix=postfix, stop_on_divergence=True)
+    res.losses = [float(h.loss) for h in distiller.history]
+    res.failure = distiller.failure
     res.segments = sampler.segments[: len(res.losses)]
     if res.failure:
         log.warning("DynaFed synthesis stopped at %s; keeping the pseudo set of the last good iteration (%d done)",

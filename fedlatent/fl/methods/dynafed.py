@@ -80,51 +80,56 @@ log = logging.getLogger("fedlatent.fl.dynafed")
 # The strategy
 
 
+_SYNTH = SynthesisConfig()  # the engine's defaults, the one place they are written
+
+
 @dataclass
 class DynaFedConfig:
     """Options of :class:`DynaFed`. Defaults are scaled for a CPU (tuned on Fashion-MNIST, alpha 0.01, 20 clients,
-    ConvNet width 16, local momentum SGD); each field gives the paper / reference (pipilurj/DynaFed) value."""
+    ConvNet width 16, local momentum SGD); each field gives the paper / reference (pipilurj/DynaFed) value. The
+    synthesis fields take their defaults from the engine's
+    :class:`~fedlatent.distill.global_trajectory.SynthesisConfig` (one set of defaults)."""
 
     synth_round: int = 20
     """Round L at which the pseudo set is synthesised, once [reference: when 25 snapshots exist, i.e. 24]."""
-    ipc: int = 10
+    ipc: int = _SYNTH.ipc
     """Pseudo images per class [15]."""
-    iterations: int = 200
+    iterations: int = _SYNTH.iterations
     """Trajectory-matching iterations of the synthesis [3000]."""
-    syn_steps: int = 10
+    syn_steps: int = _SYNTH.syn_steps
     """Student steps per iteration (MTT eq. 1) [20]."""
-    expert_epochs: int = 3
+    expert_epochs: int = _SYNTH.expert_epochs
     """Rounds a matched segment spans [3]."""
-    min_start: int = 0
+    min_start: int = _SYNTH.min_start
     """Earliest segment start (snapshot index) [0]."""
-    max_start: int = 50
+    max_start: int = _SYNTH.max_start
     """Latest segment start [50]."""
-    weight_averaging: bool = True
+    weight_averaging: bool = _SYNTH.weight_averaging
     """Target = mean of several snapshots of the segment (DynaFed's weight averaging) [True]."""
-    least_ave_num: int = 2
+    least_ave_num: int = _SYNTH.least_ave_num
     """Fewest snapshots averaged into a target [2]."""
-    max_ave_num: int = 10
+    max_ave_num: int = _SYNTH.max_ave_num
     """Most snapshots averaged into a target [10]."""
-    lr_img: float = 0.05
+    lr_img: float = _SYNTH.lr_img
     """Adam step on the pseudo images [5e-2]."""
-    lr_label: float = 0.01
+    lr_label: float = _SYNTH.lr_label
     """Adam step on the soft-label logits [1e-2]."""
-    lr_lr: float = 1e-5
+    lr_lr: float = _SYNTH.lr_lr
     """Adam step on the learnable student lr [1e-5]."""
-    lr_teacher: float = 0.4
+    lr_teacher: float = _SYNTH.lr_teacher
     """Initial student lr, class-mean KD units (module docstring) [0.04]: momentum-SGD clients move the global
     model much further per round than the reference's Adam(1e-3) clients; with 0.04 the student covers a sixth of
     a 3-round segment and the matching loss stays high."""
-    label_init: float = 5.0
+    label_init: float = _SYNTH.label_init
     """Soft-label logits start at label_init * onehot [0 in the experiment scripts, 10 as the argparse default]:
     from uniform labels a few hundred iterations leave them nearly uniform and collapsed onto a few classes."""
-    batch_syn: int | None = None
+    batch_syn: int | None = _SYNTH.batch_syn
     """Pseudo images per student step (None: the whole set) [same]."""
-    dsa: bool = True
+    dsa: bool = _SYNTH.dsa
     """Differentiable siamese augmentation in the student steps [True]."""
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = _SYNTH.dsa_strategy
     """DSA transformations [same]."""
-    mtt_mode: str = "exact"
+    mtt_mode: str = _SYNTH.mtt_mode
     """Meta-gradient: 'exact' (constant memory) or 'unrolled' (same gradient, faster for small models, memory
     grows with syn_steps)."""
     finetune_epochs: int = 8
