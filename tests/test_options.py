@@ -63,7 +63,7 @@ def test_methods_command_lists_options_with_types_defaults_and_docs():
 
     r = CliRunner().invoke(main, ["methods", "feddgm"])
     assert r.exit_code == 0, r.output
-    assert "ipc : int = 10" in r.output and "reference: 10" in r.output and "cpu:" in r.output
+    assert "ipc : int = 10" in r.output and "reference: ``--ipc=10``" in r.output and "cpu:" in r.output
     rows = {row["name"]: row for row in describe(get_method("fedprox"))}
     assert rows["mu"]["default"] == 0.01 and "FedProx eq. 2" in rows["mu"]["doc"]
     assert CliRunner().invoke(main, ["methods"]).exit_code == 0

@@ -17,7 +17,7 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim, strategy,
                  excluded: Mapping[str, Any] | None, cpu_s: float | None = None,
-                 comparison: str | None = None) -> Path:
+                 comparison: str | None = None, premise: str | None = None) -> Path:
     """report.md: what ran, the accuracy table per round, timings."""
     cfg, meth = record["config"], record["method_options"]
     lines = [
@@ -26,6 +26,7 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
         f"preset `{record['preset']}`",
         f"- clients: {cfg['clients']} ({cfg['partition']}, alpha {cfg['alpha']}), participation {cfg['participation']}, "
         f"{cfg['rounds']} rounds, {cfg['local_epochs']} local epochs (SGD lr {cfg['lr']}, momentum {cfg['momentum']})",
+        f"- labels: {'learned soft labels' if getattr(strategy, 'soft_labels', False) else 'hard'}",
         f"- generator: `{strategy.generator_name or 'none'}` (sha256 {strategy.generator_sha256 or '-'}), "
         f"latent space {strategy.space}, init {strategy.init}",
         f"- distillation per client: ipc {strategy.ipc}, {strategy.iterations} iterations of {strategy.syn_steps} "
@@ -33,7 +34,7 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
         f"{strategy.lr_teacher}, {strategy.mtt_mode} meta-gradient, batched={meth.get('batched', 'auto')}",
         f"- surrogate `{strategy.surrogate_spec}`, global model `{cfg['model']}`; server training {strategy.train_epochs} "
         f"epochs on the {strategy.pool_mode} pool (SGD lr {strategy.train_lr}, momentum {strategy.train_momentum}, "
-        f"DSA {strategy.train_dsa})",
+        f"weight decay {strategy.train_weight_decay}, DSA {strategy.train_dsa})",
         f"- seed {cfg['seed']}, device {strategy.ctx.device}",
     ]
     if excluded:
@@ -48,6 +49,8 @@ def write_report(folder: Path, rows: list[dict], record: Mapping[str, Any], sim,
                      f"{_fmt(r.get('train_loss'))} | {_fmt(r.get('round_s'), '.1f')} |")
     if comparison:  # the baseline section (fedlatent.compare.comparison_markdown)
         lines += ["", comparison.rstrip("\n")]
+    if premise:  # the premise check (fedlatent.apps.premise.Premise.markdown)
+        lines += ["", premise.rstrip("\n")]
     tot = {k: sum(float(r.get(k) or 0.0) for r in rows) for k in ("round_s", "distill_s", "server_train_s")}
     other = tot["round_s"] - tot["distill_s"] - tot["server_train_s"]
     lines += ["", "## Timings", "",

@@ -39,7 +39,9 @@ def harvest(d: Distiller, run: ClientRun, pixel: bool) -> DistilledSet:
         fw = syn.full_ws()
         ws = None if fw is None else fw.detach().float().cpu()
         f_k = None if syn.f is None else syn.f.detach().float().cpu()
-    return DistilledSet(run, x.cpu(), d.labels.detach().long().cpu(), ws, f_k)
+    y = d.labels.detach()
+    y = y.float() if y.dtype.is_floating_point else y.long()  # soft-label logits [N, K] or class indices [N]
+    return DistilledSet(run, x.cpu(), y.cpu(), ws, f_k)
 
 
 @dataclass

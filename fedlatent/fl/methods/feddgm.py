@@ -62,9 +62,14 @@ log = logging.getLogger("fedlatent.fl.feddgm")
 
 @dataclass
 class FedDGMConfig:
-    """Options of :class:`FedDGM`. Defaults follow the reference (FedDG23/FedDG-main, its CIFAR-10 README command)
-    where it has one; ``fedlatent distill`` starts from a preset instead (:data:`fedlatent.apps.distill.PRESETS`:
-    "cpu", the default there, and "paper"), which says where it differs."""
+    """Options of :class:`FedDGM`. Every default is the reference's value (FedDG23/FedDG-main: its CIFAR-10 README
+    command, else the argparse defaults of fed_main.py / shared_args.py; the source is named at each field), except
+    where a field says it deviates and why. ``fedlatent distill`` starts from a preset instead
+    (:data:`fedlatent.apps.distill.PRESETS`: "cpu", the default there, and "paper"), which says where it differs.
+
+    Deviations from the reference, by design: the meta-gradient is exact (``mtt_mode``; the reference uses TESLA's
+    approximate backward), and the synthetic labels may be learned (``soft_labels``; the reference keeps hard
+    labels)."""
 
     generator: str | None = None
     """Generator: a manifest name (``fedlatent pretrained list``) or a checkpoint path; None = the dataset's
@@ -73,49 +78,60 @@ class FedDGMConfig:
     """Latent space ``F<k>``, ``W+`` or ``pixel`` (GLaD); None = :func:`fedlatent.generators.resolve.default_space`
     (F5 for StyleGAN-XL, as the reference's CIFAR-10 layer)."""
     ipc: int = 10
-    """Distilled images per class per client (reference: 10)."""
+    """Distilled images per class per client (reference: ``--ipc=10``, README)."""
     iterations: int = 100
-    """MTT iterations per client and round (reference: 100)."""
+    """MTT iterations per client and round (reference: ``--Iteration 100``, README)."""
     syn_steps: int = 20
-    """Student steps per MTT iteration (MTT eq. 1; reference: 20)."""
+    """Student steps per MTT iteration (MTT eq. 1; reference: ``--syn_steps`` 20, fed_main.py)."""
     lr_img: float = 1000.0
-    """SGD step on the f_k features / pixels (reference: 1000)."""
+    """SGD step on the f_k features / pixels (reference: ``--lr_img`` 1000, fed_main.py)."""
     lr_w: float = 1.0
-    """SGD step on the w+ latents (reference: 1)."""
+    """SGD step on the w+ latents (reference: ``--lr_w`` 1, fed_main.py)."""
     lr_lr: float = 1e-5
-    """SGD step on the learnable student lr in the reference's units (on the lr itself; reference: 1e-5); the
-    engine learns log lr with ``lr_lr / lr_teacher**2``."""
+    """SGD step on the learnable student lr in the reference's units (on the lr itself; reference: ``--lr_lr``
+    1e-5, fed_main.py); the engine learns log lr with ``lr_lr / lr_teacher**2``."""
     lr_teacher: float = 0.01
-    """Initial student lr (reference: 0.01)."""
+    """Initial student lr (reference: ``--lr_teacher`` 0.01, fed_main.py)."""
     momentum: float = 0.5
-    """Momentum of the latent / lr optimisers (MTT's 0.5)."""
+    """Momentum of the latent / lr optimisers (reference: 0.5 in glad_utils.py and server_update.py, MTT's)."""
     batch_syn: int | None = None
-    """Synthetic images per student step; None = the whole set."""
+    """Synthetic images per student step; None = the whole set (reference: ``--batch_syn`` None)."""
     init: str = "random"
-    """Latent initialisation: 'random' (z ~ N(0, I) through the mapping) or 'mean_w'."""
+    """Latent initialisation: 'random' (z ~ N(0, I) through the mapping, as the reference) or 'mean_w'."""
+    soft_labels: bool = False
+    """Learn soft-label logits with the latents (beyond the reference, which keeps hard labels; DynaFed learns
+    them): the labels start at ``label_init * onehot`` and take SGD steps of ``lr_label`` on the MTT loss; the
+    server trains on them with the soft cross-entropy. Off the batched path (it supports hard labels only)."""
+    label_init: float = 5.0
+    """Soft-label logits start at ``label_init * onehot`` (DynaFed's engine default)."""
+    lr_label: float = 2.0
+    """SGD step (with ``momentum``) on the soft-label logits."""
     dsa: bool = True
-    """Differentiable siamese augmentation in the student steps (reference DSA)."""
+    """Differentiable siamese augmentation in the student steps (reference: ``--dsa`` True, shared_args.py)."""
     dsa_strategy: str = DEFAULT_STRATEGY
-    """DSA transformations."""
+    """DSA transformations (reference: ``color_crop_cutout_flip_scale_rotate``, shared_args.py)."""
     mtt_mode: str = "exact"
     """Meta-gradient: 'exact' (constant memory; the reference uses TESLA's approximation) or 'unrolled'."""
     chunk_size: int = 64
     """Images rendered per generator call (memory)."""
     surrogate: str = "convnet"
     """The buffer-free ConvNet the clients train and the server matches (any ConvNet spec, e.g.
-    ``convnet:width=32``); the global model is FLConfig ``model``."""
+    ``convnet:width=32``); the global model is FLConfig ``model``. Deviation: ``convnet`` picks its depth from the
+    image size (D3 up to 32 px, as MTT and GLaD); the reference passes ``--depth 5 --width 128``
+    (shared_args.py) to every ConvNet, which the "paper" preset uses (``convnet-d5:width=128``)."""
     train_epochs: int = 1000
-    """Server epochs on the pooled distilled sets per round (reference ``inner_loop``: 1000)."""
+    """Server epochs on the pooled distilled sets per round (reference: ``--inner_loop`` 1000 of ``epoch_global``
+    in fed_main.py)."""
     train_lr: float = 0.01
-    """Server training SGD lr."""
-    train_momentum: float = 0.9
-    """Server training SGD momentum."""
-    train_weight_decay: float = 5e-4
-    """Server training weight decay."""
+    """Server training SGD lr (reference: ``--lr_net`` 0.01, fed_main.py)."""
+    train_momentum: float = 0.0
+    """Server training SGD momentum (reference: 0, fed_main.py builds ``SGD(net.parameters(), lr=args.lr_net)``)."""
+    train_weight_decay: float = 0.0
+    """Server training weight decay (reference: 0, same optimiser)."""
     train_batch: int = 256
-    """Server training minibatch size."""
+    """Server training minibatch size (reference: ``--batch_train`` 256 in its CIFAR-10 command)."""
     train_dsa: bool = True
-    """DSA during server training."""
+    """DSA during server training (reference: ``epoch_global(..., aug=args.dsa)``, dsa True)."""
     pool: str = "round"
     """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
     batched: bool | str = "auto"
@@ -146,6 +162,8 @@ class FedDGMConfig:
         self.lr_teacher = chk_n("lr_teacher", positive=True)
         self.momentum = chk_n("momentum")
         self.batch_syn = None if self.batch_syn is None else chk_i("batch_syn", 1)
+        self.soft_labels = bool(self.soft_labels)
+        self.label_init, self.lr_label = chk_n("label_init"), chk_n("lr_label")
         if self.init not in ("random", "mean_w"):
             raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {self.init!r}")
         self.dsa, self.dsa_strategy = bool(self.dsa), str(self.dsa_strategy)
@@ -282,6 +300,8 @@ class FedDGM(Strategy):
 
         ctx = self.ctx
         labels = torch.arange(ctx.num_classes).repeat_interleave(self.ipc).to(ctx.device)
+        if self.soft_labels:  # learned logits, label_init * onehot (fedlatent.distill.distiller: float labels)
+            labels = nn.functional.one_hot(labels, ctx.num_classes).float() * self.label_init
         if self._pixel:
             g = torch_generator(seed, "init", "pixel")
             x = torch.randn(len(labels), ctx.channels, ctx.image_size, ctx.image_size, generator=g)
@@ -291,6 +311,11 @@ class FedDGM(Strategy):
                                   mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
         return ls, labels, torch.optim.SGD(ls.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
 
+    def initial_synthetic(self, rnd: int, client_id: int):
+        """The synthetic set a client's distillation starts from in round ``rnd`` (seeded by (seed, round, client);
+        also what :mod:`fedlatent.apps.premise` renders as the no-MTT reference): ``(set, labels, optimiser)``."""
+        return self._synthetic(derive_seed(derive_seed(self.ctx.config.seed, "feddgm", rnd, client_id), "latents"))
+
     def make_distillers(self, rnd: int, uploads: Sequence[Upload]) -> list[Distiller]:
         """One engine Distiller per upload: start -> end segment, fresh latents, seeds (seed, round, client)."""
         ctx = self.ctx
@@ -299,9 +324,10 @@ class FedDGM(Strategy):
             seed = derive_seed(ctx.config.seed, "feddgm", rnd, u.client_id)
             start = u.tensors["start"].detach().to(ctx.device)
             end = u.tensors["end"].detach().to(ctx.device)
-            syn, labels, opt = self._synthetic(derive_seed(seed, "latents"))
+            syn, labels, opt = self.initial_synthetic(rnd, u.client_id)
             cfg = DistillConfig(syn_steps=self.syn_steps, expert_epochs=1, max_start_epoch=1, batch_syn=self.batch_syn,
-                                lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2, lr_label=0.0,
+                                lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2,
+                                lr_label=self.lr_label if self.soft_labels else 0.0,
                                 lr_teacher=self.lr_teacher, momentum=self.momentum, mode=self.mtt_mode,
                                 dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)), dsa_strategy=self.dsa_strategy,
                                 dsa_siamese=False, seed=derive_seed(seed, "mtt"))
@@ -311,7 +337,8 @@ class FedDGM(Strategy):
 
     def _use_batched(self) -> bool:
         if self.batched == "auto":
-            return torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
+            return (torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
+                    and not self.soft_labels)
         return bool(self.batched)
 
     def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
@@ -336,7 +363,7 @@ class FedDGM(Strategy):
         ids = [u.client_id for u in good]
         # server distillation, one set per client: looped here, batched (distill.batched), or a parallel runner
         t0 = time.perf_counter()
-        use_batch = self._use_batched() and self.mtt_mode == "exact"
+        use_batch = self._use_batched() and self.mtt_mode == "exact" and not self.soft_labels
         if self.distill_map is not None and not use_batch:
             sets, bsz = map_distillation(self.distill_map, self.distill_client, rnd, ids, good), 1
             t_distill = time.perf_counter() - t0
@@ -435,7 +462,8 @@ class FedDGM(Strategy):
         self.save_distilled(folder / DISTILLED_FILE)
         cur = self.pool
         mask = cur.rounds == rnd
-        save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], cur.labels[mask], cur.clients[mask],
+        classes = cur.labels.argmax(1) if cur.labels.is_floating_point() else cur.labels
+        save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], classes[mask], cur.clients[mask],
                         self.ctx.mean, self.ctx.std, self.ctx.class_names,
                         title=f"FedDGM round {rnd}: distilled images per class ({self.space}; columns ordered by client)")
 
