@@ -25,7 +25,7 @@ GEN = "random:width=4,base=32,z_dim=8,w_dim=8,seed=1"  # an untrained built-in g
 
 
 # -- 1. latent meta-gradient == finite differences ------------------------------------------------------------
-def _latent_distiller(space: str, mode: str):
+def _latent_distiller(space: str, mode: str, soft: bool = False):
     """FedDGM's own distiller for one client (``make_distillers``), moved to float64, DSA off."""
     from fedlatent.fl.base import FLConfig, FLContext, Upload
     from fedlatent.fl.methods.feddgm import FedDGM
@@ -35,7 +35,8 @@ def _latent_distiller(space: str, mode: str):
     ctx = FLContext(config=cfg, num_classes=K, channels=1, image_size=SIZE, class_names=[str(c) for c in range(K)],
                     client_sizes=[50], mean=MEAN, std=STD)
     s = FedDGM(generator=GEN, space=space, ipc=IPC, syn_steps=3, batch_syn=4, chunk_size=4, lr_teacher=0.1,
-               dsa=False, mtt_mode=mode, surrogate="convnet:width=4,depth=2", progress=False, save_artifacts=False)
+               dsa=False, mtt_mode=mode, surrogate="convnet:width=4,depth=2", progress=False, save_artifacts=False,
+               soft_labels=soft, label_init=2.0)
     s.setup(ctx)
     s.G.module.double()
     s.surrogate.double()
@@ -50,8 +51,11 @@ def _latent_distiller(space: str, mode: str):
     return d, start, end
 
 
-def _matching_loss(d, latents: dict[str, torch.Tensor], log_lr: torch.Tensor, start, end, plan) -> float:
-    """MTT eq. 2 after N steps of MTT eq. 1 on the images GLaD renders from ``latents``, written out here."""
+def _matching_loss(d, latents: dict[str, torch.Tensor], log_lr: torch.Tensor, start, end, plan,
+                   labels: torch.Tensor | None = None) -> float:
+    """MTT eq. 2 after N steps of MTT eq. 1 on the images GLaD renders from ``latents``, written out here (soft
+    labels: the cross-entropy against ``softmax(labels)``)."""
+    labels = d.labels.detach() if labels is None else labels
     syn, G = d.synthetic, d.synthetic.G
     if syn.k == -1:  # W+: the whole synthesis
         img = G.synthesis(latents["ws"])
@@ -69,7 +73,10 @@ def _matching_loss(d, latents: dict[str, torch.Tensor], log_lr: torch.Tensor, st
         for n, sh in zip(names, shapes):
             params[n] = th[i: i + sh.numel()].view(sh)
             i += sh.numel()
-        loss = F.cross_entropy(functional_call(model, params, (x[st.indices],)), d.labels[st.indices])
+        logits = functional_call(model, params, (x[st.indices],))
+        y = labels[st.indices]
+        loss = (-(torch.softmax(y, 1) * torch.log_softmax(logits, 1)).sum(1).mean() if y.is_floating_point()
+                else F.cross_entropy(logits, y))
         (g,) = torch.autograd.grad(loss, th)
         theta = theta - alpha * g
     return float((theta - end).pow(2).sum() / (start - end).pow(2).sum())
@@ -115,6 +122,41 @@ def test_latent_meta_gradient_matches_finite_differences(space, mode):
             assert an == pytest.approx(fd, rel=1e-6), (n, an, fd)
     fd = (loss(ll=log_lr + eps) - loss(ll=log_lr - eps)) / (2 * eps)
     assert abs(fd) > 1e-6 and grad_log_lr == pytest.approx(fd, rel=1e-6), (grad_log_lr, fd)
+
+
+@pytest.mark.parametrize("mode", ["exact", "unrolled"])
+def test_soft_label_gradient_matches_finite_differences(mode):
+    """FedDGM's learned soft labels (``soft_labels=True``): the logits start at ``label_init * onehot`` and the
+    gradient the distiller puts on them, d L / d Y of MTT eq. 2 through the soft cross-entropy of every student
+    step, equals central finite differences of the independently evaluated ``L`` (float64); one SGD step of
+    ``lr_label`` (momentum buffer empty) moves them by exactly ``-lr_label * grad``."""
+    from fedlatent.distill.mtt import make_plan
+    from fedlatent.utils import derive_seed
+
+    d, start, end = _latent_distiller("F2", mode, soft=True)
+    syn = d.synthetic
+    assert d.soft and d.labels.shape == (K * IPC, K)
+    y0 = d.labels.detach().clone()
+    assert torch.equal(y0, 2.0 * F.one_hot(torch.arange(K).repeat_interleave(IPC), K).to(y0))
+    at = {n: getattr(syn, n).detach().clone() for n in ("ws", "f")}
+    log_lr = d.log_lr.detach().clone()
+    res = d.compute()
+    d.apply(res)
+    grad = d.labels.grad.detach().clone()
+    assert torch.allclose(d.labels.detach(), y0 - d.config.lr_label * grad, rtol=0, atol=1e-12)
+    plan = make_plan(len(syn), d.config.syn_steps, d.batch_syn, derive_seed(d.config.seed, "mtt-iter", 0),
+                     augment=False)
+
+    def loss(y):
+        return _matching_loss(d, at, log_lr, start, end, plan, labels=y)
+
+    assert res.loss == pytest.approx(loss(y0), rel=1e-12)
+    eps, gen = 1e-5, torch.Generator().manual_seed(3)
+    for _ in range(3):
+        u = torch.randn(y0.shape, generator=gen, dtype=y0.dtype)
+        u /= u.norm()
+        fd = (loss(y0 + eps * u) - loss(y0 - eps * u)) / (2 * eps)
+        assert abs(fd) > 1e-7 and float((grad * u).sum()) == pytest.approx(fd, rel=1e-6), fd
 
 
 # -- 2. pool="all" accumulates the rounds' distilled sets ----------------------------------------------------
