@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from fedlatent.cli._options import data_options
+from fedlatent.cli._options import data_options, progress_option
 
 #: options that do not change the trained weights (left out of the recorded command)
-_OPERATIONAL = ("quiet", "resume", "state", "eval_every", "eval_per_class", "eval_gan_train_epochs", "curve",
+_OPERATIONAL = ("no_progress", "resume", "state", "eval_every", "eval_per_class", "eval_gan_train_epochs", "curve",
                 "manifest_path", "no_manifest")
 
 
@@ -82,7 +82,7 @@ def _command_line(ctx: click.Context, params: dict | None = None) -> str:
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
               help="Manifest to add the entry to (default: MANIFEST.json next to --out).")
 @click.option("--no-manifest", is_flag=True, help="Do not write a manifest entry.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option
 def pretrain(**opts):
     """Train fedlatent's built-in class-conditional style generator on a PUBLIC split (GAN, CPU-friendly).
 
@@ -118,7 +118,7 @@ def pretrain(**opts):
 def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, lr_g, lr_d, ac_weight, augment,
          d_channels, d_channels_max, mbstd_group, r1_gamma, r1_every, balanced, channel_base, channel_max, z_dim,
          w_dim, seed, max_minutes, save_every, state, resume, eval_every, eval_per_class, eval_gan_train_epochs, curve,
-         device, out, name, manifest_path, no_manifest, quiet):
+         device, out, name, manifest_path, no_manifest, no_progress):
     from fedlatent.data import load_dataset
     from fedlatent.generators.builtin import BuiltinConfig
     from fedlatent.generators.registry import MANIFEST_NAME, write_manifest_entry
@@ -169,7 +169,7 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
         qcfg = QualityConfig(per_class=eval_per_class, gan_train=eval_gan_train_epochs > 0,
                              gan_train_per_class=eval_per_class, gan_train_epochs=max(1, eval_gan_train_epochs))
         click.echo("pretrain: preparing the quality evaluator (classifier on real data, real baselines)", err=True)
-        ev = QualityEvaluator(data, qcfg, progress=not quiet)
+        ev = QualityEvaluator(data, qcfg, progress=not no_progress)
         ceiling = {k: round(v, 4) for k, v in ev.ceiling.items() if not k.startswith("per_class")}
         click.echo(f"pretrain: real-vs-real ceiling {ceiling}", err=True)
 
@@ -194,7 +194,7 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `kill PID` saves like Ctrl-C
     try:
-        res = train_generator(data, idx, gen_cfg, cfg, out=out, info=info, progress=not quiet, device=device,
+        res = train_generator(data, idx, gen_cfg, cfg, out=out, info=info, progress=not no_progress, device=device,
                               state_path=state, resume=resume, evaluate=evaluate, eval_every_minutes=eval_every,
                               curve_path=curve_path)
     finally:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from fedlatent.cli._options import progress_option
+
 
 @click.group("pretrained")
 def pretrained() -> None:
@@ -36,12 +38,12 @@ def list_cmd(as_json):
 @pretrained.command("fetch")
 @click.argument("name")
 @click.option("--dest", default=None, type=click.Path(file_okay=False), help="Download folder (default: cache).")
-@click.option("--quiet", is_flag=True)
-def fetch_cmd(name, dest, quiet):
+@progress_option
+def fetch_cmd(name, dest, no_progress):
     """Download NAME (with a progress bar) and verify its sha256 when the manifest knows it."""
     from fedlatent.generators.registry import fetch
 
-    p = fetch(name, dest=dest, progress=not quiet)
+    p = fetch(name, dest=dest, progress=not no_progress)
     click.echo(str(p))
 
 
@@ -65,9 +67,9 @@ def fetch_cmd(name, dest, quiet):
 @click.option("--grid", default=None, type=click.Path(dir_okay=False),
               help="PNG with 10 samples per class (one row per class) of the first generator.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
-@click.option("--quiet", is_flag=True)
+@progress_option
 def eval_cmd(names, dataset, data_root, per_class, nearest_k, classifier, classifier_steps, gan_train_per_class,
-             gan_train_arch, gan_train_epochs, gan_train_seeds, psi, seed, grid, json_out, quiet):
+             gan_train_arch, gan_train_epochs, gan_train_seeds, psi, seed, grid, json_out, no_progress):
     """Offline quality of generators NAMES (manifest names or checkpoint paths), each metric next to its
     real-vs-real ceiling: class fidelity, precision/recall/density/coverage, Frechet distance (all in a real-data
     classifier's feature space) and GAN-train accuracy."""
@@ -98,7 +100,7 @@ def eval_cmd(names, dataset, data_root, per_class, nearest_k, classifier, classi
                         gan_train_per_class=gan_train_per_class, gan_train_arch=gan_train_arch,
                         gan_train_epochs=max(1, gan_train_epochs), gan_train_seeds=seeds or (0,),
                         truncation_psi=psi, seed=seed)
-    ev = QualityEvaluator(data, cfg, progress=not quiet)
+    ev = QualityEvaluator(data, cfg, progress=not no_progress)
     rows = [(n, ev(G)) for n, G in gens]
     click.echo(f"{data.name}: {per_class} images/class, feature classifier {classifier} (real test accuracy "
                f"{ev.classifier_test_acc:.3f}); GAN-train: {gan_train_arch} on {gan_train_per_class}/class, "
