@@ -125,15 +125,17 @@ def profile_batched(s, ups, timer: Timer):
 
 def profile_train(s, epochs: int):
     from fedlatent.distill.augment import DSA
-    from fedlatent.fl.methods.feddgm import train_on_pool
+    from fedlatent.train import fit_on_set
 
     n = s.ipc * s.ctx.num_classes * s.ctx.config.clients
     x = torch.randn(n, s.ctx.channels, s.ctx.image_size, s.ctx.image_size)
     y = torch.arange(s.ctx.num_classes).repeat(n // s.ctx.num_classes)
     aug = DSA(s.dsa_strategy, siamese=False)
     t = time.perf_counter()
-    train_on_pool(s.model, x, y, epochs=epochs, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256,
-                  augment=aug, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(s.model.parameters(), lr=s.train_lr, momentum=s.train_momentum,
+                          weight_decay=s.train_weight_decay)
+    fit_on_set(s.model, x, y, opt, epochs=epochs, batch_size=s.train_batch, augment=aug,
+               generator=torch.Generator().manual_seed(0))
     return (time.perf_counter() - t) / epochs
 
 
