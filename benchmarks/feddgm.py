@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-subsample", type=int, default=5000, help="training images used (0: all) [%(default)s]")
     p.add_argument("--test-subsample", type=int, default=2000, help="test images used (0: all) [%(default)s]")
     p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE", help="FedDGM option (JSON value)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE;...",
+                   help="a named method variant for --methods, e.g. 'pool-all=feddgm:pool=\"all\"' or "
+                        "'le5=feddgm-soft:local_epochs=5;lr_img=300' (FLConfig fields or method options, JSON values)")
     p.add_argument("--dynafed-iterations", type=int, default=100, help="DynaFed synthesis iterations [%(default)s]")
     p.add_argument("--dynafed-ipc", type=int, default=10, help="DynaFed pseudo images per class [%(default)s]")
     p.add_argument("--premise-epochs", type=int, default=300, help="premise check epochs (0: skip) [%(default)s]")
@@ -99,8 +102,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-existing", action="store_true", help="reuse finished runs (their record.json)")
     a = p.parse_args(argv)
+    a.variants = {}
+    for text in a.variant:
+        name, _, spec = text.partition("=")
+        method, _, kv = spec.partition(":")
+        if not name or not method:
+            p.error(f"--variant expects NAME=METHOD[:KEY=VALUE;...], got {text!r}")
+        a.variants[name.strip()] = (method.strip(), parse_kv([t for t in kv.split(";") if t.strip()]))
     for m in a.methods:
-        base = parse_method(m)[0]
+        base = parse_method(a.variants.get(m, (m, {}))[0])[0]
         if base not in BASE_METHODS:
             p.error(f"unknown method {m!r}; the methods are {', '.join(BASE_METHODS)} (FedDGM-family ones with "
                     "optional -soft and @SPACE)")
@@ -118,8 +128,13 @@ def parse_method(name: str) -> tuple[str, bool, str | None]:
 
 
 def feddgm_options(a) -> dict:
+    return parse_kv(a.option)
+
+
+def parse_kv(items) -> dict:
+    """``["k=v", ...]`` -> ``{k: json(v) or the string}``."""
     opts = {}
-    for text in a.option:
+    for text in items:
         k, _, v = text.partition("=")
         try:
             opts[k.strip()] = json.loads(v)
@@ -188,17 +203,21 @@ def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen,
     from fedlatent.fl.run import read_metrics
     from fedlatent.fl.simulation import simulate
 
-    base, soft, m_space = parse_method(method)
-    cfg = {**common, "alpha": alpha, "seed": seed}
+    spec, extra = a.variants.get(method, (method, {}))
+    base, soft, m_space = parse_method(spec)
+    fl_fields = set(FLConfig.__dataclass_fields__)
+    cfg = {**common, "alpha": alpha, "seed": seed, **{k: v for k, v in extra.items() if k in fl_fields}}
+    extra = {k: v for k, v in extra.items() if k not in fl_fields}
     t0 = time.perf_counter()
-    rec: dict = {"method": method, "premise": None, "cross_arch": None}
+    rec: dict = {"method": method, "spec": [spec, a.variants.get(method, (method, {}))[1]], "premise": None,
+                 "cross_arch": None}
     if base == "centralised":
         res = centralised(data, FLConfig(**cfg))
         rec.update(final=res.final_accuracy, best=res.best_accuracy, curve=res.curve)
     else:
         kw = dict(dataset=data.name, data=data, out=run_dir, overwrite=True, progress=False)
         if base in ("feddgm", "feddgm+avg"):
-            opts = dataclasses.asdict(PRESETS[a.preset].method) | feddgm_options(a)
+            opts = dataclasses.asdict(PRESETS[a.preset].method) | feddgm_options(a) | extra
             opts.update(generator=opts.get("generator") or gen, surrogate=a.model, progress=False, soft_labels=soft)
             opts["space"] = m_space or opts.get("space") or space
             if str(opts["space"]).lower() == "pixel":
