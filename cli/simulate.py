@@ -17,8 +17,8 @@ from fedlatent.utils import FedLatentError
 @click.command("simulate")
 @config_option(simulate_options)
 @click.option("--method", default="fedavg", show_default=True,
-              help="Federated method: fedavg, fedprox, feddf, fedmd, dynafed, feddgm, or any other registered method "
-                   "(`fedlatent methods` lists them and their options).")
+              help="Federated method: fedavg, fedprox, feddf, fedmd, dynafed, feddgm, feddgm+avg, or any other "
+                   "registered method (`fedlatent methods` lists them and their options).")
 @data_options()
 @fl_options(FLConfig())
 @click.option("--mu", type=click.FloatRange(min=0), default=None,

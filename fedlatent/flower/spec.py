@@ -221,7 +221,7 @@ def check_supported(strategy, cfg) -> None:
 
     if getattr(type(strategy), "client_init") is not getattr(Strategy, "client_init"):
         raise FedLatentError(f"method {strategy.name!r} keeps local state on the clients (client_init); the Flower "
-                             "integration runs stateless clients only (fedavg, fedprox, feddgm, dynafed)")
+                             "integration runs stateless clients only (fedavg, fedprox, feddgm, feddgm+avg, dynafed)")
     if cfg.client_models is not None:
         raise FedLatentError("client_models (heterogeneous clients) is not supported by the Flower integration")
     if cfg.public_fraction > 0:

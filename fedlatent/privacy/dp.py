@@ -147,7 +147,7 @@ def round_columns(cfg: Any, client_sizes: Sequence[int], rnd: int, uploads: Sequ
         m = getattr(u, "metrics", {}) or {}
         if "dp_steps" not in m:
             raise FedLatentError("dp: this method's clients do not train through DP-SGD (fedlatent.fl.client."
-                                 "local_train); dp supports fedavg, fedprox, feddf, dynafed and feddgm")
+                                 "local_train); dp supports fedavg, fedprox, feddf, dynafed, feddgm and feddgm+avg")
         want = client_privacy(ctx, u.client_id).steps_per_round
         if int(m["dp_steps"]) != want:
             raise FedLatentError(f"dp: client {u.client_id} took {int(m['dp_steps'])} DP-SGD steps, {want} accounted")

@@ -21,10 +21,6 @@ One round:
    when it is another architecture - the surrogate are trained on the pool for ``train_epochs`` epochs (SGD,
    DSA). There is no weight averaging: the surrogate trained on the pool is the next round's download.
 
-Which classes per client: all of them (the reference's ``prepare_latents`` is called without the client).
-Distilling only the classes a client holds would need the client to reveal which labels it has; the server
-otherwise sees parameters only, so this is deliberately not offered.
-
 Batched distillation of several clients at once (``batched``): :mod:`fedlatent.distill.batched`. The run
 driver behind ``fedlatent distill`` (presets, resume, report): :mod:`fedlatent.apps.distill`.
 """
@@ -37,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +66,8 @@ class FedDGMConfig:
     Deviations from the reference, by design: the meta-gradient is exact (``mtt_mode``; the reference uses TESLA's
     approximate backward), and the synthetic labels may be learned (``soft_labels``; the reference keeps hard
     labels)."""
+
+    owner: ClassVar[str] = "feddgm"  # the method these options belong to (the prefix of their error messages)
 
     generator: str | None = None
     """Generator: a manifest name (``fedlatent pretrained list``) or a checkpoint path; None = the dataset's
@@ -140,7 +138,8 @@ class FedDGMConfig:
     max_batch: int | None = None
     """At most this many clients per batch (None: as many as memory allows)."""
     classes: str = "all"
-    """Classes distilled per client: 'all' (the only choice: anything else needs the client's labels)."""
+    """Classes distilled per client: 'all', the only choice (as the reference, whose ``prepare_latents`` never sees
+    the client): anything else needs the client to reveal its labels."""
     dataset: str | None = None
     """The data set's name: picks the default generator and goes into the export metadata."""
     progress: bool = True
@@ -151,42 +150,33 @@ class FedDGMConfig:
     def __post_init__(self):
         from ...generators.latent import parse_space
 
-        chk_i = lambda name, lo: check_int("feddgm", name, getattr(self, name), lo)  # noqa: E731
-        chk_n = lambda name, positive=False: check_number("feddgm", name, getattr(self, name), positive)  # noqa: E731
+        own = self.owner
         self.generator = None if self.generator in (None, "", "none") else str(self.generator)
         self.space = None if self.space in (None, "", "auto") else str(self.space)
         if self.space is not None:
             parse_space(self.space)
-        self.ipc, self.iterations, self.syn_steps = chk_i("ipc", 1), chk_i("iterations", 0), chk_i("syn_steps", 1)
-        self.lr_img, self.lr_w, self.lr_lr = chk_n("lr_img"), chk_n("lr_w"), chk_n("lr_lr")
-        self.lr_teacher = chk_n("lr_teacher", positive=True)
-        self.momentum = chk_n("momentum")
-        self.batch_syn = None if self.batch_syn is None else chk_i("batch_syn", 1)
-        self.soft_labels = bool(self.soft_labels)
-        self.label_init, self.lr_label = chk_n("label_init"), chk_n("lr_label")
-        if self.init not in ("random", "mean_w"):
-            raise FedLatentError(f"feddgm: init must be 'random' or 'mean_w', got {self.init!r}")
-        self.dsa, self.dsa_strategy = bool(self.dsa), str(self.dsa_strategy)
+        for name, lo in (("ipc", 1), ("iterations", 0), ("syn_steps", 1), ("chunk_size", 1), ("train_epochs", 0),
+                         ("train_batch", 1)):
+            setattr(self, name, check_int(own, name, getattr(self, name), lo))
+        for name in ("lr_img", "lr_w", "lr_lr", "momentum", "label_init", "lr_label", "train_lr", "train_momentum",
+                     "train_weight_decay"):
+            setattr(self, name, check_number(own, name, getattr(self, name)))
+        self.lr_teacher = check_number(own, "lr_teacher", self.lr_teacher, positive=True)
+        self.batch_syn = None if self.batch_syn is None else check_int(own, "batch_syn", self.batch_syn, 1)
+        self.max_batch = None if self.max_batch is None else check_int(own, "max_batch", self.max_batch, 1)
+        for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
+            setattr(self, name, bool(getattr(self, name)))
+        for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
+                              ("pool", ("round", "all")), ("batched", (True, False, "auto"))):
+            if getattr(self, name) not in allowed:
+                raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
+                                     f"{getattr(self, name)!r}")
+        self.dsa_strategy, self.surrogate = str(self.dsa_strategy), str(self.surrogate)
         parse_strategy(self.dsa_strategy)
-        if self.mtt_mode not in ("exact", "unrolled"):
-            raise FedLatentError(f"feddgm: mtt_mode must be 'exact' or 'unrolled', got {self.mtt_mode!r}")
-        self.chunk_size = chk_i("chunk_size", 1)
-        self.surrogate = str(self.surrogate)
-        self.train_epochs = chk_i("train_epochs", 0)
-        self.train_lr, self.train_momentum = chk_n("train_lr"), chk_n("train_momentum")
-        self.train_weight_decay = chk_n("train_weight_decay")
-        self.train_batch = chk_i("train_batch", 1)
-        self.train_dsa = bool(self.train_dsa)
-        if self.pool not in ("round", "all"):
-            raise FedLatentError(f"feddgm: pool must be 'round' or 'all', got {self.pool!r}")
-        if self.batched not in (True, False, "auto"):
-            raise FedLatentError(f"feddgm: batched must be true, false or 'auto', got {self.batched!r}")
-        self.max_batch = None if self.max_batch is None else chk_i("max_batch", 1)
         if self.classes != "all":
-            raise FedLatentError("feddgm: classes must be 'all' (the server cannot know which classes a client "
+            raise FedLatentError(f"{own}: classes must be 'all' (the server cannot know which classes a client "
                                  "holds without the client disclosing its labels)")
         self.dataset = None if self.dataset is None else str(self.dataset)
-        self.progress, self.save_artifacts = bool(self.progress), bool(self.save_artifacts)
 
 
 @register_method("feddgm")
@@ -202,12 +192,13 @@ class FedDGM(Strategy):
     """
 
     config_class = FedDGMConfig
+    label: ClassVar[str] = "FedDGM"  # the method's name in figure titles
     distill_map: Callable[[Callable, Sequence[tuple]], list] | None = None
 
     def __init__(self, config: FedDGMConfig | None = None, **options):
         from ...generators.latent import PIXEL, parse_space
 
-        self.config = make_config(FedDGMConfig, config, options)
+        self.config = make_config(self.config_class, config, options)
         d = dataclasses.asdict(self.config)
         # the names the strategy has always used for these three (generator/space are resolved in setup)
         self.generator_name, self.surrogate_spec, self.pool_mode = d.pop("generator"), d.pop("surrogate"), d.pop("pool")
@@ -234,7 +225,7 @@ class FedDGM(Strategy):
             if name is None:
                 name = default_generator(self.dataset or "")
             if name is None:
-                raise FedLatentError("feddgm: " + no_generator_message(self.dataset or "DATASET"))
+                raise FedLatentError(f"{self.name}: " + no_generator_message(self.dataset or "DATASET"))
             name = complete_generator_spec(name, ctx.channels, ctx.image_size, ctx.num_classes)  # random:...
             self.G = load_generator(name, device=ctx.device)
             self._g_source = (name, self.G)  # worker_view ships this G by name (a worker loads it itself)
@@ -245,11 +236,11 @@ class FedDGM(Strategy):
                 self._pixel, self.G = True, None
             else:
                 if self.G.img_channels != ctx.channels:
-                    raise FedLatentError(f"feddgm: generator {name!r} makes {self.G.img_channels}-channel images, the "
-                                         f"dataset has {ctx.channels}")
+                    raise FedLatentError(f"{self.name}: generator {name!r} makes {self.G.img_channels}-channel "
+                                         f"images, the dataset has {ctx.channels}")
                 if self.G.c_dim and self.G.c_dim < ctx.num_classes:
-                    raise FedLatentError(f"feddgm: generator {name!r} knows {self.G.c_dim} classes, the dataset has "
-                                         f"{ctx.num_classes}")
+                    raise FedLatentError(f"{self.name}: generator {name!r} knows {self.G.c_dim} classes, the "
+                                         f"dataset has {ctx.num_classes}")
                 self.G.check_k(parse_space(self.space))
         if self._pixel:
             self.space = "pixel"
@@ -260,7 +251,7 @@ class FedDGM(Strategy):
         else:
             self.surrogate = ctx.build_model(self.surrogate_spec, key="feddgm-surrogate")
         if any(True for _ in self.surrogate.buffers()):
-            raise FedLatentError(f"feddgm: the surrogate {self.surrogate_spec!r} has buffers (e.g. batch norm); "
+            raise FedLatentError(f"{self.name}: the surrogate {self.surrogate_spec!r} has buffers (e.g. batch norm); "
                                  "trajectory matching needs a buffer-free student such as the instance-norm ConvNet")
         self.flat = FlatModel(self.surrogate)
         self._sent: tuple[int, torch.Tensor] | None = None
@@ -342,53 +333,43 @@ class FedDGM(Strategy):
         return bool(self.batched)
 
     def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
-        ctx = self.ctx
+        _, moved, extra = self._screen(rnd, uploads)
+        if not moved:
+            log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
+            return extra
+        return self._distil_and_train(rnd, moved, extra)
+
+    def _screen(self, rnd: int, uploads: list[Upload]) -> tuple[list[Upload], list[Upload], dict[str, float]]:
+        """The server's own screening, by client id: (the uploads whose ``start`` is the surrogate sent this round,
+        those of them that moved (``end != start``: a trajectory to distil), the counts ``start_mismatch`` and
+        ``unchanged``)."""
         sent = self._sent[1] if self._sent is not None else self.flat.flatten()
-        good: list[Upload] = []
-        mismatch = unchanged = 0
+        trusted: list[Upload] = []
+        moved: list[Upload] = []
         for u in sorted(uploads, key=lambda u: u.client_id):
             if not torch.equal(u.tensors["start"].to(sent), sent):
                 log.warning("round %d: client %d uploaded a start that is not the global surrogate; dropped",
                             rnd, u.client_id)
-                mismatch += 1
-            elif torch.equal(u.tensors["end"], u.tensors["start"]):
+                continue
+            trusted.append(u)
+            if torch.equal(u.tensors["end"], u.tensors["start"]):
                 log.warning("round %d: client %d did not move (end == start); nothing to distil", rnd, u.client_id)
-                unchanged += 1
             else:
-                good.append(u)
-        extra: dict[str, float] = {"start_mismatch": float(mismatch), "unchanged": float(unchanged)}
-        if not good:
-            log.warning("round %d: no usable client trajectory; the global state is unchanged", rnd)
-            return extra
-        ids = [u.client_id for u in good]
-        # server distillation, one set per client: looped here, batched (distill.batched), or a parallel runner
-        t0 = time.perf_counter()
-        use_batch = self._use_batched() and self.mtt_mode == "exact" and not self.soft_labels
-        if self.distill_map is not None and not use_batch:
-            sets, bsz = map_distillation(self.distill_map, self.distill_client, rnd, ids, good), 1
-            t_distill = time.perf_counter() - t0
-        else:
-            distillers = self.make_distillers(rnd, good)
-            runs, bsz = distill_clients(distillers, ids, self.iterations, batched=use_batch, max_batch=self.max_batch,
-                                        device=ctx.device, progress=self.progress, desc=f"feddgm round {rnd}")
-            t_distill = time.perf_counter() - t0
-            sets = [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)]
-        this_round, dropped = pool_round(sets, ids, rnd)
+                moved.append(u)
+        counts = {"start_mismatch": float(len(uploads) - len(trusted)), "unchanged": float(len(trusted) - len(moved))}
+        return trusted, moved, counts
+
+    def _distil_and_train(self, rnd: int, good: list[Upload], extra: dict[str, float]) -> dict[str, float]:
+        """Steps 2-3 of the round (module docstring): distil every client of ``good``, pool the sets, train on the
+        pool, log the round; returns ``extra`` with the round's metrics added."""
+        sets, bsz, t_distill = self._distil_round(rnd, good)
+        this_round, dropped = pool_round(sets, [u.client_id for u in good], rnd)
         extra["distill_dropped"] = float(len(dropped))
         if this_round is None:
             return extra
         self.pool = this_round if self.pool_mode == "round" or self.pool is None else Pool.cat([self.pool, this_round])
-        # server training on the pool (reference epoch_global): the global model, and the surrogate if it is another
         t1 = time.perf_counter()
-        aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
-        targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
-        train_loss = {}
-        for name, m in targets:
-            opt = torch.optim.SGD(m.parameters(), lr=self.train_lr, momentum=self.train_momentum,
-                                  weight_decay=self.train_weight_decay)
-            train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
-                                          batch_size=self.train_batch, augment=aug,
-                                          generator=torch_generator(ctx.config.seed, "feddgm", "train", rnd, name))
+        train_loss = self._train_on_pool(rnd)
         t_train = time.perf_counter() - t1
         entry, metrics = round_record([st.run for st in sets], rnd, bsz, dropped)
         self.round_log.append(entry)
@@ -397,9 +378,38 @@ class FedDGM(Strategy):
                       "distill_s": t_distill, "server_train_s": t_train, "distill_batch": float(bsz)})
         if "surrogate" in train_loss:
             extra["surrogate_train_loss"] = train_loss["surrogate"]
-        if self.save_artifacts and getattr(ctx, "run_dir", None):
-            self.save_round(ctx.run_dir, rnd)
+        if self.save_artifacts and getattr(self.ctx, "run_dir", None):
+            self.save_round(self.ctx.run_dir, rnd)
         return extra
+
+    def _distil_round(self, rnd: int, good: list[Upload]) -> tuple[list[DistilledSet], int, float]:
+        """Server distillation, one set per client of ``good``: looped here, batched (:mod:`fedlatent.distill.batched`)
+        or through a parallel runner (:attr:`distill_map`). Returns (sets, clients per batch, seconds)."""
+        ids = [u.client_id for u in good]
+        t0 = time.perf_counter()
+        use_batch = self._use_batched() and self.mtt_mode == "exact" and not self.soft_labels
+        if self.distill_map is not None and not use_batch:
+            sets = map_distillation(self.distill_map, self.distill_client, rnd, ids, good)
+            return sets, 1, time.perf_counter() - t0
+        distillers = self.make_distillers(rnd, good)
+        runs, bsz = distill_clients(distillers, ids, self.iterations, batched=use_batch, max_batch=self.max_batch,
+                                    device=self.ctx.device, progress=self.progress, desc=f"{self.name} round {rnd}")
+        t_distill = time.perf_counter() - t0
+        return [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)], bsz, t_distill
+
+    def _train_on_pool(self, rnd: int) -> dict[str, float]:
+        """Server training on the pool (reference ``epoch_global``): ``train_epochs`` of SGD (DSA) for the global
+        model, and for the surrogate if it is another model, each from its current weights; name -> mean loss."""
+        aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
+        targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
+        train_loss = {}
+        for name, m in targets:
+            opt = torch.optim.SGD(m.parameters(), lr=self.train_lr, momentum=self.train_momentum,
+                                  weight_decay=self.train_weight_decay)
+            train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
+                                          batch_size=self.train_batch, augment=aug,
+                                          generator=torch_generator(self.ctx.config.seed, "feddgm", "train", rnd, name))
+        return train_loss
 
     def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:
         """Run the looped per-client distillation through a parallel backend's ``client_map``."""
@@ -417,12 +427,10 @@ class FedDGM(Strategy):
 
     def worker_view(self) -> "FedDGM":
         """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
-        shallow copy without the pool, the round log, the global model (when it is not the surrogate), the
-        flat-parameter helper, the sent payload and the runner hook. The generator goes by name when setup
-        loaded it from one (the worker loads it itself, once per process, and checks its sha256 against this
-        run's); a generator object set on the strategy otherwise (e.g. ``strategy.G = obj`` in a program) has
-        no name to load and is shipped as it is. On a cluster, the name must therefore resolve on every node
-        (same manifest entry / checkpoint path)."""
+        shallow copy without the pool, round log, global model (unless it is the surrogate), flat-parameter helper,
+        sent payload and runner hook. A generator loaded by name goes by name (each worker loads it once and checks
+        its sha256; on a cluster the name must resolve on every node); a generator object set in a program goes as
+        it is."""
         v = copy.copy(self)
         d = v.__dict__
         d.pop("distill_map", None)
@@ -438,7 +446,7 @@ class FedDGM(Strategy):
     # -- artefacts -------------------------------------------------------------------------------------
     def export_metadata(self) -> dict[str, Any]:
         ctx = self.ctx
-        return {"method": "feddgm", "options": self.options(), "surrogate": self.surrogate_spec,
+        return {"method": self.name, "options": self.options(), "surrogate": self.surrogate_spec,
                 "model": ctx.config.model, "clients": ctx.config.clients, "partition": ctx.config.partition,
                 "alpha": ctx.config.alpha, "rounds_done": self.round_log[-1]["round"] if self.round_log else 0}
 
@@ -465,7 +473,8 @@ class FedDGM(Strategy):
         classes = cur.labels.argmax(1) if cur.labels.is_floating_point() else cur.labels
         save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], classes[mask], cur.clients[mask],
                         self.ctx.mean, self.ctx.std, self.ctx.class_names,
-                        title=f"FedDGM round {rnd}: distilled images per class ({self.space}; columns ordered by client)")
+                        title=f"{self.label} round {rnd}: distilled images per class ({self.space}; "
+                              "columns ordered by client)")
 
     # -- checkpoint ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -480,7 +489,8 @@ class FedDGM(Strategy):
         self.model.load_state_dict(state["model"])
         if self.surrogate is not self.model:
             if "surrogate" not in state:
-                raise FedLatentError("feddgm: checkpoint has no surrogate state but the run uses a separate surrogate")
+                raise FedLatentError(f"{self.name}: checkpoint has no surrogate state but the run uses a separate "
+                                     "surrogate")
             self.surrogate.load_state_dict(state["surrogate"])
         self.pool = Pool.from_state(state.get("pool"))
         self.round_log = list(state.get("round_log") or [])
