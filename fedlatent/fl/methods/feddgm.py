@@ -21,8 +21,7 @@ One round:
    when it is another architecture - the surrogate are trained on the pool for ``train_epochs`` epochs (SGD,
    DSA). There is no weight averaging: the surrogate trained on the pool is the next round's download.
 
-Batched distillation of several clients at once (``batched``): :mod:`fedlatent.distill.batched`. The run
-driver behind ``fedlatent distill`` (presets, resume, report): :mod:`fedlatent.apps.distill`.
+Batched clients: :mod:`fedlatent.distill.batched`; ``fedlatent distill``'s driver: :mod:`fedlatent.apps.distill`.
 """
 from __future__ import annotations
 
@@ -222,6 +221,7 @@ class FedDGM(Strategy):
         self.G = None
         if not self._pixel:
             name = self.generator_name
+            self.dataset = self.dataset or getattr(ctx, "dataset", None)  # the run's data set: its default generator
             if name is None:
                 name = default_generator(self.dataset or "")
             if name is None:
