@@ -217,7 +217,10 @@ def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen,
     else:
         kw = dict(dataset=data.name, data=data, out=run_dir, overwrite=True, progress=False)
         if base in ("feddgm", "feddgm+avg"):
-            opts = dataclasses.asdict(PRESETS[a.preset].method) | feddgm_options(a) | extra
+            opts = dataclasses.asdict(PRESETS[a.preset].method)
+            if base == "feddgm+avg":  # the hybrid's own fine-tune length (DynaFed's), not FedDGM's server epochs
+                opts.pop("train_epochs")
+            opts |= feddgm_options(a) | extra
             opts.update(generator=opts.get("generator") or gen, surrogate=a.model, progress=False, soft_labels=soft)
             opts["space"] = m_space or opts.get("space") or space
             if str(opts["space"]).lower() == "pixel":
