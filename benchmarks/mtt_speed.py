@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per config")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "convnet-bf16", "autograd"])
+    p.add_argument("--engine", default="auto", choices=["auto", "convnet", "convnet-bf16", "convnet-compiled",
+                                                            "convnet-bf16-compiled", "autograd"])
     p.add_argument("--engines", default=None, help="comma list of engines compared side by side (default: --engine)")
     p.add_argument("--passes", type=int, default=1, help="repeat the whole sweep (interleaved repeats)")
     p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",

@@ -21,15 +21,23 @@ Two kernels:
   one call, runs in channels-last layout, skips every gradient nobody asks for, and keeps the
   per-layer elementwise work to a few passes (PyTorch's generic double backward of GroupNorm
   spends more time in elementwise kernels than in the convolutions).
+
+``ConvNetKernel(compile=True)`` (engines ``convnet-compiled``, ``convnet-bf16-compiled``) runs :meth:`forward` and
+:meth:`rop` through ``torch.compile`` (inductor; on CPU its C++ code generation fuses the instance-norm, ReLU and
+pooling passes around the convolutions, which stay oneDNN calls). Same tensors, fewer memory passes.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FedLatentError
 from ..models.functional import FlatModel
 
 
@@ -107,7 +115,7 @@ class ConvNetKernel:
     name = "convnet"
 
     def __init__(self, flat: FlatModel, channels_last: bool = True, groups: int = 1,
-                 conv_dtype: torch.dtype | None = None):
+                 conv_dtype: torch.dtype | None = None, compile: bool = False):
         blocks = self.parse(flat.model)
         if blocks is None:
             raise ValueError("model is not a supported ConvNet")
@@ -120,6 +128,13 @@ class ConvNetKernel:
         # mixed precision: the convolutions' operands in conv_dtype (e.g. bfloat16, fp32 accumulation in oneDNN /
         # cuDNN), every other tensor (norms, softmax, the flat vectors) in the caller's dtype
         self.cdt = conv_dtype
+        # torch.compile'd forward / rop (shared by every kernel: same architecture and shapes, no recompilation)
+        if compile:
+            reason = compile_unavailable()
+            if reason is not None:
+                raise FedLatentError(f"the compiled ConvNet kernel needs torch.compile with a C++ compiler: {reason} "
+                                     f"(use the engine without '-compiled')")
+        self.compiled = bool(compile) and not _COMPILE_FAILED
 
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.cdt is None or self.cdt == x.dtype:
@@ -243,9 +258,34 @@ class ConvNetKernel:
         B, GC, H, W = d.shape
         return d.view(B, self.G, GC // self.G, H, W).transpose(0, 1)
 
-    # -- forward + backward ----------------------------------------------------------------------
+    # -- compiled dispatch -------------------------------------------------------------------------
     def forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
                 need_grad: bool = True, lean: bool = False):
+        """Loss, flat gradient and (``keep``) the tensors the R-operator needs (see :meth:`_forward`)."""
+        return self._run("_forward", theta, x, labels, keep, need_grad, lean)
+
+    def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
+        """``(H u, (d g / d x)^T u, d s / d label_logits)`` (see :meth:`_rop`)."""
+        return self._run("_rop", cache, u, need_theta)
+
+    def _run(self, name: str, *args):
+        global _COMPILE_FAILED
+        eager = getattr(ConvNetKernel, name)
+        if not self.compiled or _COMPILE_FAILED:
+            return eager(self, *args)
+        try:
+            return _compiled(name)(self, *args)
+        except Exception as e:  # noqa: BLE001 -- the compiler failed, or the input is bad: eager tells which
+            out = eager(self, *args)  # bad input raises its own error here
+            _COMPILE_FAILED = True
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(f"torch.compile of the ConvNet kernel failed ({type(e).__name__}: {msg[:200]}); "
+                          f"running it uncompiled (same results, slower)", RuntimeWarning, stacklevel=3)
+            return out
+
+    # -- forward + backward ----------------------------------------------------------------------
+    def _forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
+                 need_grad: bool = True, lean: bool = False):
         """Loss, flat gradient and (``keep``) the tensors the R-operator needs.
 
         ``need_grad=False`` skips the weight gradients (the exact backward walk already has g_n);
@@ -337,7 +377,7 @@ class ConvNetKernel:
         return loss.detach(), g, cache
 
     # -- R-operator --------------------------------------------------------------------------------
-    def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
+    def _rop(self, cache, u: torch.Tensor, need_theta: bool = True):
         """Pearlmutter's R-operator in direction ``u``: tangents of the forward pass, then of the
         backward pass. ``R{grad_theta l} = H u`` and ``R{grad_x l} = (d g / d x)^T u``.
 
@@ -446,26 +486,62 @@ def _convnet_forward():
     return ConvNet.forward
 
 
-#: engine name -> the convolutions' operand dtype of the ConvNet kernel (None: the inputs' dtype)
-CONV_DTYPES = {"auto": None, "convnet": None, "convnet-bf16": torch.bfloat16}
+#: ConvNet engine name -> (the convolutions' operand dtype (None: the inputs' dtype), torch.compile'd)
+CONVNET_ENGINES = {"convnet": (None, False), "convnet-bf16": (torch.bfloat16, False),
+                   "convnet-compiled": (None, True), "convnet-bf16-compiled": (torch.bfloat16, True)}
+ENGINES = ("auto", *CONVNET_ENGINES, "autograd")
+
+#: keyword arguments of the ``torch.compile`` calls (set before the first compiled call to change them)
+COMPILE_OPTIONS: dict = {"dynamic": False}
+_COMPILED: dict = {}
+_COMPILE_FAILED = False
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` (inductor) cannot run here, or None when it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        from torch import _dynamo
+        from torch._inductor import cpp_builder
+
+        if not _dynamo.is_dynamo_supported():
+            return "torch.compile does not support this Python"
+        cxx = cpp_builder.get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 -- private API: any failure means no compiler
+        return f"no C++ compiler found ({type(e).__name__}: {str(e).strip()[:120]})"
+    if shutil.which(cxx) is None and not os.path.exists(cxx):
+        return f"C++ compiler {cxx!r} not found"
+    return None
+
+
+def _compiled(name: str):
+    """``torch.compile`` of ``ConvNetKernel._forward`` / ``._rop``, built once per process. Shapes are static
+    (``dynamic=False``): every new batch shape, dtype, architecture or flag combination compiles once more (up to
+    torch's recompile limit, beyond which torch runs the function uncompiled)."""
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = _COMPILED[name] = torch.compile(getattr(ConvNetKernel, name), **COMPILE_OPTIONS)
+    return fn
 
 
 def make_kernel(flat: FlatModel, engine: str = "auto"):
     """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (the
     ConvNet kernel with bfloat16 convolution operands, fp32 accumulation and everything else in the inputs'
-    dtype; AVX-512-BF16 / AMX CPUs and recent GPUs run these much faster) or 'autograd'."""
-    from ..utils import FedLatentError
-
-    if engine not in ("auto", "convnet", "convnet-bf16", "autograd"):
-        raise FedLatentError(f"unknown MTT engine {engine!r} (auto, convnet, convnet-bf16, autograd)")
+    dtype; AVX-512-BF16 / AMX CPUs and recent GPUs run these much faster), 'convnet-compiled' /
+    'convnet-bf16-compiled' (the same under ``torch.compile``; the first call compiles for a minute or two) or
+    'autograd'."""
+    if engine not in ENGINES:
+        raise FedLatentError(f"unknown MTT engine {engine!r} ({', '.join(ENGINES)})")
     if engine == "autograd":
         return AutogradKernel(flat)
     if ConvNetKernel.supports(flat.model):
-        return ConvNetKernel(flat, conv_dtype=CONV_DTYPES[engine])
+        dtype, compiled = CONVNET_ENGINES.get(engine, (None, False))
+        return ConvNetKernel(flat, conv_dtype=dtype, compile=compiled)
     if engine.startswith("convnet"):
         raise FedLatentError(f"the {engine!r} engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
                              f"got {type(flat.model).__name__}")
     return AutogradKernel(flat)
 
 
-__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel"]
+__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "compile_unavailable", "ENGINES"]

@@ -196,7 +196,9 @@ def meta_gradient(model: nn.Module | FlatModel, theta_start: torch.Tensor, theta
 
     ``images`` [N, C, H, W] (detached; the gradient is returned, not accumulated), ``labels``
     int [N] or soft-label logits [N, K], ``log_lr`` the log of the student step size.
-    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` 'auto' | 'convnet' | 'convnet-bf16' | 'autograd'.
+    ``mode`` 'exact' (constant memory) or 'unrolled'; ``engine`` one of
+    :data:`~fedlatent.distill.kernels.ENGINES` ('auto', 'convnet', 'convnet-bf16', 'convnet-compiled',
+    'convnet-bf16-compiled', 'autograd'; see :func:`~fedlatent.distill.kernels.make_kernel`).
     Raises :class:`FedLatentError` on bad input, :class:`DivergedError` on a non-finite loss/gradient.
     """
     flat = _as_flat(model)
