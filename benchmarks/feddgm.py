@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_list(int), default=[0, 1], help="[%(default)s]")
     p.add_argument("--methods", type=_list(str),
                    default=["fedavg", "fedavg-m", "dynafed", "feddgm", "feddgm+avg", "centralised"], help="[%(default)s]")
-    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu", help="FedDGM preset [%(default)s]")
+    p.add_argument("--preset", choices=["cpu", "cifar10-cpu", "paper"], default="cpu", help="FedDGM preset [%(default)s]")
     p.add_argument("--clients", type=int, default=10, help="[%(default)s]")
     p.add_argument("--rounds", type=int, default=10, help="[%(default)s]")
     p.add_argument("--local-epochs", type=int, default=2, help="[%(default)s]")
