@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_list(int), default=[0, 1], help="[%(default)s]")
     p.add_argument("--methods", type=_list(str),
                    default=["fedavg", "fedavg-m", "dynafed", "feddgm", "feddgm+avg", "centralised"], help="[%(default)s]")
-    p.add_argument("--preset", choices=["cpu", "cifar10-cpu", "paper"], default="cpu", help="FedDGM preset [%(default)s]")
+    p.add_argument("--preset", choices=["auto", "cpu", "cifar10-cpu", "paper"], default="auto",
+                   help="FedDGM preset (auto: cifar10-cpu on CIFAR-10, cpu otherwise) [%(default)s]")
     p.add_argument("--clients", type=int, default=10, help="[%(default)s]")
     p.add_argument("--rounds", type=int, default=10, help="[%(default)s]")
     p.add_argument("--local-epochs", type=int, default=2, help="[%(default)s]")
@@ -196,35 +197,24 @@ def speed(data, a, opts: dict) -> dict:
 
 def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen, space, run_dir: Path) -> dict:
     """One run of ``method`` in a cell; returns its record (final, last3, curve, premise, cross_arch, wall_s)."""
-    from fedlatent.apps.distill import PRESETS
     from fedlatent.apps.premise import premise_check
     from fedlatent.fl.base import FLConfig
     from fedlatent.fl.centralised import centralised
     from fedlatent.fl.run import read_metrics
     from fedlatent.fl.simulation import simulate
 
-    spec, extra = a.variants.get(method, (method, {}))
-    base, soft, m_space = parse_method(spec)
-    fl_fields = set(FLConfig.__dataclass_fields__)
-    cfg = {**common, "alpha": alpha, "seed": seed, **{k: v for k, v in extra.items() if k in fl_fields}}
-    extra = {k: v for k, v in extra.items() if k not in fl_fields}
+    base = parse_method(a.variants.get(method, (method, {}))[0])[0]
+    cfg, opts = method_settings(method, a, common, alpha, seed, gen, space, data.name)
     t0 = time.perf_counter()
-    rec: dict = {"method": method, "spec": [spec, a.variants.get(method, (method, {}))[1]], "premise": None,
-                 "cross_arch": None}
+    rec: dict = {"method": method, "spec": [a.variants.get(method, (method, {}))[0],
+                                            a.variants.get(method, (method, {}))[1]],
+                 "settings": {"config": cfg, "method_options": opts}, "premise": None, "cross_arch": None}
     if base == "centralised":
         res = centralised(data, FLConfig(**cfg))
         rec.update(final=res.final_accuracy, best=res.best_accuracy, curve=res.curve)
     else:
         kw = dict(dataset=data.name, data=data, out=run_dir, overwrite=True, progress=False)
         if base in ("feddgm", "feddgm+avg"):
-            opts = dataclasses.asdict(PRESETS[a.preset].method)
-            if base == "feddgm+avg":  # the hybrid's own fine-tune length (DynaFed's), not FedDGM's server epochs
-                opts.pop("train_epochs")
-            opts |= feddgm_options(a) | extra
-            opts.update(generator=opts.get("generator") or gen, surrogate=a.model, progress=False, soft_labels=soft)
-            opts["space"] = m_space or opts.get("space") or space
-            if str(opts["space"]).lower() == "pixel":
-                opts["generator"] = None
             sim = simulate(base, method_options=opts, **kw, **cfg)
         elif base == "dynafed":
             synth = max(3, a.rounds // 2)
@@ -247,6 +237,31 @@ def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen,
     rec["last3"] = last_mean(rec["curve"])
     rec["wall_s"] = time.perf_counter() - t0
     return rec
+
+
+def method_settings(method: str, a, common: dict, alpha: float, seed: int, gen, space, dataset: str):
+    """(FLConfig fields, FedDGM-family options or None) of one run: the preset (``--preset auto``: cifar10-cpu on
+    CIFAR-10, cpu otherwise), then ``-O``, then the variant; what ``--skip-existing`` compares with a finished run."""
+    from fedlatent.apps.distill import PRESETS
+    from fedlatent.fl.base import FLConfig
+
+    spec, extra = a.variants.get(method, (method, {}))
+    base, soft, m_space = parse_method(spec)
+    fl_fields = set(FLConfig.__dataclass_fields__)
+    cfg = {**common, "alpha": alpha, "seed": seed, **{k: v for k, v in extra.items() if k in fl_fields}}
+    extra = {k: v for k, v in extra.items() if k not in fl_fields}
+    if base not in ("feddgm", "feddgm+avg"):
+        return cfg, None
+    preset = a.preset if a.preset != "auto" else ("cifar10-cpu" if dataset == "cifar10" else "cpu")
+    opts = dataclasses.asdict(PRESETS[preset].method)
+    if base == "feddgm+avg":  # the hybrid's own fine-tune length (DynaFed's), not FedDGM's server epochs
+        opts.pop("train_epochs")
+    opts |= feddgm_options(a) | extra
+    opts.update(generator=opts.get("generator") or gen, surrogate=a.model, progress=False, soft_labels=soft)
+    opts["space"] = m_space or opts.get("space") or space
+    if str(opts["space"]).lower() == "pixel":
+        opts["generator"] = None
+    return cfg, opts
 
 
 def cross_arch(path: Path, data, a, seed: int) -> dict:
@@ -291,8 +306,13 @@ def main(argv=None) -> int:
                 for method in a.methods:
                     run_dir = out / f"{name}-a{alpha}-s{seed}-{slug(method)}"
                     done = run_dir / "record.json"
-                    if a.skip_existing and done.is_file():
-                        rec = json.loads(done.read_text())
+                    rec = json.loads(done.read_text()) if a.skip_existing and done.is_file() else None
+                    if rec is not None and rec.get("settings") != json.loads(json.dumps(
+                            dict(zip(("config", "method_options"),
+                                     method_settings(method, a, common, alpha, seed, gen, space, name))))):
+                        print(f"{run_dir.name}: finished with other settings; rerunning", flush=True)
+                        rec = None
+                    if rec is not None:
                         print(f"{name} alpha={alpha} seed={seed} {method}: final {rec['final']:.4f} (existing run)",
                               flush=True)
                     else:
