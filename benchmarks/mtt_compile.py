@@ -78,7 +78,7 @@ def _configure_compile(mode: str | None, opts: dict) -> None:
     """torch.compile mode and inductor options of the compiled ConvNet kernel (this worker process only)."""
     import torch._inductor.config as ic
 
-    from fedlatent.distill import kernels
+    from fedlatent.distill import compiled
 
     for k, v in opts.items():
         obj, name = ic, k
@@ -87,7 +87,7 @@ def _configure_compile(mode: str | None, opts: dict) -> None:
             obj = getattr(obj, head)
         setattr(obj, name, v)
     if mode is not None:
-        kernels.COMPILE_OPTIONS["mode"] = mode
+        compiled.COMPILE_OPTIONS["mode"] = mode
 
 
 def worker(a: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlatent.distill import kernels, mtt
+from fedlatent.distill import compiled, mtt
 from fedlatent.distill.augment import DSA
 from fedlatent.distill.distiller import DistillConfig, Distiller, TrajectorySampler
 from fedlatent.distill.experts import load_experts, save_experts, train_experts
@@ -250,8 +250,8 @@ def test_compiled_kernel_equals_the_plain_kernel():
     """engine 'convnet-compiled' (ConvNetKernel.forward / .rop under torch.compile): in float64 the exact and the
     unrolled meta-gradients equal the uncompiled kernel's to 1e-10 (inductor only reorders sums): exact mode with
     hard labels, unrolled mode (the lean cache) with soft labels."""
-    if kernels.compile_unavailable():
-        pytest.skip(kernels.compile_unavailable())
+    if compiled.compile_unavailable():
+        pytest.skip(compiled.compile_unavailable())
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -260,7 +260,7 @@ def test_compiled_kernel_equals_the_plain_kernel():
         args = (flat, start, target, x, y, LOG_LR, mtt.make_plan(8, 3, 8, seed=1), DSA(siamese=False))
         ref = mtt.meta_gradient(*args, mode=mode, engine="convnet")
         got = mtt.meta_gradient(*args, mode=mode, engine="convnet-compiled")
-        assert not kernels._COMPILE_FAILED
+        assert not compiled.STATE["failed"]
         assert got.loss == pytest.approx(ref.loss, rel=1e-12)
         assert _rel(got.grad_images, ref.grad_images) < 1e-10
         assert float(got.grad_log_lr) == pytest.approx(float(ref.grad_log_lr), rel=1e-10)
@@ -275,25 +275,25 @@ def test_compiled_kernel_errors_and_fallback(monkeypatch):
     uncompiled kernel's exact results; bad input still raises its own error."""
     flat, start, target, x, y = _problem()
     plan = mtt.make_plan(8, 2, 8, seed=0)
-    monkeypatch.setattr(kernels, "compile_unavailable", lambda: "no C++ compiler found (test)")
+    monkeypatch.setattr(compiled, "compile_unavailable", lambda: "no C++ compiler found (test)")
     with pytest.raises(FedLatentError, match="C\\+\\+ compiler.*-compiled"):
         make_kernel(flat, "convnet-compiled")
-    monkeypatch.setattr(kernels, "compile_unavailable", lambda: None)
-    monkeypatch.setattr(kernels, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(compiled, "compile_unavailable", lambda: None)
+    monkeypatch.setitem(compiled.STATE, "failed", False)
 
-    def broken(name):
+    def broken(fn, name):
         def fn(*a):
             raise RuntimeError("backend compiler failed (test)")
         return fn
 
-    monkeypatch.setattr(kernels, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_compiled", broken)
     with pytest.raises(FedLatentError, match="do not fit"):  # the eager kernel's error, not the compiler's
         mtt.meta_gradient(flat, start, target, x[:, :, :6, :6], y, LOG_LR, plan, engine="convnet-compiled")
-    assert not kernels._COMPILE_FAILED
+    assert not compiled.STATE["failed"]
     ref = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), engine="convnet")
     with pytest.warns(RuntimeWarning, match="backend compiler failed.*uncompiled"):
         got = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), engine="convnet-compiled")
-    assert kernels._COMPILE_FAILED
+    assert compiled.STATE["failed"]
     assert torch.equal(got.grad_images, ref.grad_images) and got.loss == ref.loss
     assert make_kernel(flat, "convnet-compiled").compiled is False  # later kernels do not try again
 

@@ -28,9 +28,6 @@ pooling passes around the convolutions, which stay oneDNN calls). Same tensors, 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +36,7 @@ from torch import nn
 
 from ..errors import FedLatentError
 from ..models.functional import FlatModel
+from . import compiled
 
 
 def student_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,11 +128,11 @@ class ConvNetKernel:
         self.cdt = conv_dtype
         # torch.compile'd forward / rop (shared by every kernel: same architecture and shapes, no recompilation)
         if compile:
-            reason = compile_unavailable()
+            reason = compiled.compile_unavailable()
             if reason is not None:
                 raise FedLatentError(f"the compiled ConvNet kernel needs torch.compile with a C++ compiler: {reason} "
                                      f"(use the engine without '-compiled')")
-        self.compiled = bool(compile) and not _COMPILE_FAILED
+        self.compiled = bool(compile) and not compiled.STATE["failed"]
 
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.cdt is None or self.cdt == x.dtype:
@@ -269,19 +267,8 @@ class ConvNetKernel:
         return self._run("_rop", cache, u, need_theta)
 
     def _run(self, name: str, *args):
-        global _COMPILE_FAILED
-        eager = getattr(ConvNetKernel, name)
-        if not self.compiled or _COMPILE_FAILED:
-            return eager(self, *args)
-        try:
-            return _compiled(name)(self, *args)
-        except Exception as e:  # noqa: BLE001 -- the compiler failed, or the input is bad: eager tells which
-            out = eager(self, *args)  # bad input raises its own error here
-            _COMPILE_FAILED = True
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            warnings.warn(f"torch.compile of the ConvNet kernel failed ({type(e).__name__}: {msg[:200]}); "
-                          f"running it uncompiled (same results, slower)", RuntimeWarning, stacklevel=3)
-            return out
+        return compiled.run(self, getattr(ConvNetKernel, name), name, args) if self.compiled else \
+            getattr(ConvNetKernel, name)(self, *args)
 
     # -- forward + backward ----------------------------------------------------------------------
     def _forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
@@ -491,40 +478,6 @@ CONVNET_ENGINES = {"convnet": (None, False), "convnet-bf16": (torch.bfloat16, Fa
                    "convnet-compiled": (None, True), "convnet-bf16-compiled": (torch.bfloat16, True)}
 ENGINES = ("auto", *CONVNET_ENGINES, "autograd")
 
-#: keyword arguments of the ``torch.compile`` calls (set before the first compiled call to change them)
-COMPILE_OPTIONS: dict = {"dynamic": False}
-_COMPILED: dict = {}
-_COMPILE_FAILED = False
-
-
-def compile_unavailable() -> str | None:
-    """Why ``torch.compile`` (inductor) cannot run here, or None when it can."""
-    if not hasattr(torch, "compile"):
-        return f"torch {torch.__version__} has no torch.compile"
-    try:
-        from torch import _dynamo
-        from torch._inductor import cpp_builder
-
-        if not _dynamo.is_dynamo_supported():
-            return "torch.compile does not support this Python"
-        cxx = cpp_builder.get_cpp_compiler()
-    except Exception as e:  # noqa: BLE001 -- private API: any failure means no compiler
-        return f"no C++ compiler found ({type(e).__name__}: {str(e).strip()[:120]})"
-    if shutil.which(cxx) is None and not os.path.exists(cxx):
-        return f"C++ compiler {cxx!r} not found"
-    return None
-
-
-def _compiled(name: str):
-    """``torch.compile`` of ``ConvNetKernel._forward`` / ``._rop``, built once per process. Shapes are static
-    (``dynamic=False``): every new batch shape, dtype, architecture or flag combination compiles once more (up to
-    torch's recompile limit, beyond which torch runs the function uncompiled)."""
-    fn = _COMPILED.get(name)
-    if fn is None:
-        fn = _COMPILED[name] = torch.compile(getattr(ConvNetKernel, name), **COMPILE_OPTIONS)
-    return fn
-
-
 def make_kernel(flat: FlatModel, engine: str = "auto"):
     """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (the
     ConvNet kernel with bfloat16 convolution operands, fp32 accumulation and everything else in the inputs'
@@ -544,4 +497,4 @@ def make_kernel(flat: FlatModel, engine: str = "auto"):
     return AutogradKernel(flat)
 
 
-__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "compile_unavailable", "ENGINES"]
+__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "ENGINES"]
