@@ -203,12 +203,12 @@ def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen,
     from fedlatent.fl.run import read_metrics
     from fedlatent.fl.simulation import simulate
 
-    base = parse_method(a.variants.get(method, (method, {}))[0])[0]
+    spec, variant = a.variants.get(method, (method, {}))
+    base = parse_method(spec)[0]
     cfg, opts = method_settings(method, a, common, alpha, seed, gen, space, data.name)
     t0 = time.perf_counter()
-    rec: dict = {"method": method, "spec": [a.variants.get(method, (method, {}))[0],
-                                            a.variants.get(method, (method, {}))[1]],
-                 "settings": {"config": cfg, "method_options": opts}, "premise": None, "cross_arch": None}
+    rec: dict = {"method": method, "spec": [spec, variant], "settings": {"config": cfg, "method_options": opts},
+                 "premise": None, "cross_arch": None}
     if base == "centralised":
         res = centralised(data, FLConfig(**cfg))
         rec.update(final=res.final_accuracy, best=res.best_accuracy, curve=res.curve)

@@ -327,10 +327,10 @@ class FedDGM(Strategy):
         return out
 
     def _use_batched(self) -> bool:
-        if self.batched == "auto":
-            return (torch.device(self.ctx.device).type == "cuda" and not self.mtt_mode == "unrolled"
-                    and not self.soft_labels)
-        return bool(self.batched)
+        """Batched where it can run (exact meta-gradient, hard labels); with 'auto' on CUDA only."""
+        if self.mtt_mode != "exact" or self.soft_labels:
+            return False
+        return torch.device(self.ctx.device).type == "cuda" if self.batched == "auto" else bool(self.batched)
 
     def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
         _, moved, extra = self._screen(rnd, uploads)
@@ -387,7 +387,7 @@ class FedDGM(Strategy):
         or through a parallel runner (:attr:`distill_map`). Returns (sets, clients per batch, seconds)."""
         ids = [u.client_id for u in good]
         t0 = time.perf_counter()
-        use_batch = self._use_batched() and self.mtt_mode == "exact" and not self.soft_labels
+        use_batch = self._use_batched()
         if self.distill_map is not None and not use_batch:
             sets = map_distillation(self.distill_map, self.distill_client, rnd, ids, good)
             return sets, 1, time.perf_counter() - t0
