@@ -5,7 +5,9 @@ shape: ConvNet-D3 width 32 surrogate, 32 px, ipc 2 x 10 classes, 8 syn_steps by 
 
 * ``loop``: :func:`fedlatent.distill.mtt.meta_gradient` client after client (the looped engine);
 * ``grouped``: :func:`fedlatent.distill.batched.batched_meta_gradient` (the K students as one grouped ConvNet);
-* ``vmap`` (``--vmap``): the previous batched implementation, ``torch.func.vmap`` over the clients.
+* ``vmap`` (``--vmap``): the previous batched implementation, ``torch.func.vmap`` over the clients;
+* ``loop:ENGINE`` (``--engines``): the loop with another MTT engine, e.g. ``convnet-bf16-compiled`` (what
+  ``engine="fast"`` picks on an AVX-512-BF16 CPU; its first call compiles, outside the timed repeats).
 
 Prints medians (and the machine's load average: timings on a shared machine are noisy), the largest
 difference between the paths' gradients, writes JSON.
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("--syn-steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vmap", action="store_true", help="also time the vmap implementation")
+    p.add_argument("--engines", default="", help="comma-separated MTT engines also timed in the loop")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batched_speed.json"))
@@ -69,9 +72,9 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def loop():
-        return [meta_gradient(flat, starts[k], ends[k], imgs[k], labels[k], log_lr[k], plans[k], aug, mode="exact")
-                for k in range(K)]
+    def loop(engine="auto"):
+        return [meta_gradient(flat, starts[k], ends[k], imgs[k], labels[k], log_lr[k], plans[k], aug, mode="exact",
+                              engine=engine) for k in range(K)]
 
     def grouped():
         return B.batched_meta_gradient(flat, starts, ends, imgs, labels, log_lr, plans, aug)
@@ -85,7 +88,12 @@ def main() -> None:
             B.ConvNetKernel.supports = orig
 
     paths = {"loop": loop, "grouped": grouped} | ({"vmap": vmapped} if a.vmap else {})
-    results = {k: fn() for k, fn in paths.items()}  # warm-up, and the results to compare
+    paths |= {f"loop:{e}": (lambda e=e: loop(e)) for e in filter(None, a.engines.split(","))}
+    results, warm = {}, {}
+    for k, fn in paths.items():  # warm-up (compiles a compiled engine), and the results to compare
+        t = time.perf_counter()
+        results[k] = fn()
+        warm[k] = time.perf_counter() - t
     diff = {k: max(float((r.grad_images - l.grad_images).abs().max() / l.grad_images.abs().max())
                    for r, l in zip(results[k], results["loop"])) for k in paths if k != "loop"}
     times = {k: [] for k in paths}
@@ -106,15 +114,16 @@ def main() -> None:
     print(f"{K} clients, {a.model}, {a.size} px, {a.images} images, {a.syn_steps} syn_steps, per-image DSA, "
           f"{a.threads} threads, {a.device}; medians of {a.repeats} interleaved repeats; "
           f"load average {min(loads):.1f}-{max(loads):.1f}")
-    print(f"{'path':8s} {'wall s / iteration':>18s} {'wall / loop':>11s} {'CPU s / iteration':>17s} {'CPU / loop':>10s} "
-          f"{'max rel diff of dX':>19s}")
+    w = max(8, *map(len, paths))
+    print(f"{'path':{w}s} {'wall s / iteration':>18s} {'wall / loop':>11s} {'CPU s / iteration':>17s} {'CPU / loop':>10s} "
+          f"{'max rel diff of dX':>19s} {'warm-up wall s':>14s}")
     for k in paths:
-        print(f"{k:8s} {med[k]:18.3f} {med[k] / med['loop']:11.2f} {med_cpu[k]:17.3f} {med_cpu[k] / med_cpu['loop']:10.2f} "
-              f"{diff.get(k, 0.0):19.1e}")
+        print(f"{k:{w}s} {med[k]:18.3f} {med[k] / med['loop']:11.2f} {med_cpu[k]:17.3f} {med_cpu[k] / med_cpu['loop']:10.2f} "
+              f"{diff.get(k, 0.0):19.1e} {warm[k]:14.1f}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"args": vars(a), "times": times, "median": med, "cpu": cpu, "median_cpu": med_cpu, "max_rel_diff": diff, "load": loads,
-                   "torch": torch.__version__}, f, indent=2)
+        json.dump({"args": vars(a), "times": times, "median": med, "cpu": cpu, "median_cpu": med_cpu, "max_rel_diff": diff,
+                   "warm_up_wall_s": warm, "load": loads, "torch": torch.__version__}, f, indent=2)
 
 
 if __name__ == "__main__":

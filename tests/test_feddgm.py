@@ -209,12 +209,30 @@ def test_setup_errors_are_clear(digits16, kw, match):
 
 
 @pytest.mark.parametrize("kw", [dict(ipc=0), dict(syn_steps=0), dict(lr_img=-1.0), dict(pool="everything"),
-                                dict(batched="sometimes"), dict(classes="present"), dict(space="Z3")])
+                                dict(batched="sometimes"), dict(classes="present"), dict(space="Z3"),
+                                dict(mtt_engine="turbo")])
 def test_bad_options(kw):
     from fedlatent.fl.feddgm import FedDGM
 
     with pytest.raises(FedLatentError):
         FedDGM(**kw)
+
+
+def test_mtt_engine_reaches_the_distillers(digits16):
+    """``mtt_engine`` is the engine of every client's MTT: bf16 convolutions give close, not identical, latents."""
+    from fedlatent.fl.feddgm import FedDGM, distill_clients
+
+    outs = []
+    for engine in ("auto", "convnet", "convnet-bf16"):
+        s = FedDGM(generator="digits", space="F2", ipc=1, iterations=2, syn_steps=3, surrogate="convnet:width=8",
+                   train_epochs=0, progress=False, save_artifacts=False, batched=False, mtt_engine=engine)
+        s.setup(_ctx(digits16, clients=2))
+        ds = s.make_distillers(1, _uploads(s, 2))
+        assert all(d.config.engine == engine for d in ds)
+        distill_clients(ds, [0, 1], 2, batched=False, progress=False)
+        outs.append(torch.cat([p.detach().flatten() for p in ds[0].synthetic.parameters()]))
+    assert torch.equal(outs[0], outs[1])  # auto is the fp32 ConvNet kernel
+    assert not torch.equal(outs[1], outs[2]) and torch.allclose(outs[1], outs[2], rtol=0.05, atol=0.05)
 
 
 # -- end to end ---------------------------------------------------------------------------------------------

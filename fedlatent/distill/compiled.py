@@ -35,6 +35,17 @@ def compile_unavailable() -> str | None:
     return None
 
 
+def fast_engine(device: torch.device | str) -> str:
+    """What ``engine="fast"`` runs on ``device``: the fastest exact ConvNet engine measured there
+    (benchmarks/RESULTS.md, "The cell's engine"). On a CPU with AVX-512-BF16 and a C++ compiler
+    'convnet-bf16-compiled' (bf16 convolution operands, within the stated gradient tolerance of fp32); with a
+    compiler but no bf16 'convnet-compiled'; otherwise, and on CUDA (compile unmeasured there), 'convnet'."""
+    if torch.device(device).type != "cpu" or compile_unavailable() is not None or STATE["failed"]:
+        return "convnet"
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "convnet-bf16-compiled" if bf16 else "convnet-compiled"
+
+
 def _compiled(fn, name: str):
     """``torch.compile`` of the kernel function ``fn`` (``ConvNetKernel._forward`` / ``._rop``), built once per
     process. Shapes are static (``dynamic=False``): every new batch shape, dtype, architecture or flag combination

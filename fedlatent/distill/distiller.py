@@ -45,7 +45,7 @@ class DistillConfig:
     lr_teacher: float = 0.01  # initial student lr
     momentum: float = 0.5
     mode: str = "exact"  # exact | unrolled
-    engine: str = "auto"  # auto | convnet | convnet-bf16 (bf16 convolutions) | convnet[-bf16]-compiled | autograd
+    engine: str = "auto"  # auto | fast | convnet | convnet-bf16 (bf16 convolutions) | convnet[-bf16]-compiled | autograd
     dsa: bool = True
     dsa_strategy: str = DEFAULT_STRATEGY
     dsa_siamese: bool = True

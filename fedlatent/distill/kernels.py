@@ -11,8 +11,7 @@ That is all the meta-gradient needs: with ``u = -alpha v_{n+1}`` the adjoint rec
 
 Two kernels:
 
-* :class:`AutogradKernel` — any model, through PyTorch's double backward
-  (``g`` with ``create_graph=True``, then ``grad(g . u)``);
+* :class:`AutogradKernel` — any model, through PyTorch's double backward (``create_graph=True``, ``grad(g . u)``);
 * :class:`ConvNetKernel` — the MTT/GLaD ConvNet (conv3x3 -> instance norm -> ReLU -> avg-pool,
   then linear), written out by hand: the forward pass, the backward pass and Pearlmutter's
   R-operator (forward-mode tangents of the forward *and* of the backward pass,
@@ -22,9 +21,8 @@ Two kernels:
   per-layer elementwise work to a few passes (PyTorch's generic double backward of GroupNorm
   spends more time in elementwise kernels than in the convolutions).
 
-``ConvNetKernel(compile=True)`` (engines ``convnet-compiled``, ``convnet-bf16-compiled``) runs :meth:`forward` and
-:meth:`rop` through ``torch.compile`` (inductor; on CPU its C++ code generation fuses the instance-norm, ReLU and
-pooling passes around the convolutions, which stay oneDNN calls). Same tensors, fewer memory passes.
+``ConvNetKernel(compile=True)`` (engines ``convnet[-bf16]-compiled``) runs :meth:`forward` and :meth:`rop` through
+``torch.compile`` (inductor fuses the norm / ReLU / pooling passes around the oneDNN convolutions).
 """
 from __future__ import annotations
 
@@ -476,21 +474,23 @@ def _convnet_forward():
 #: ConvNet engine name -> (the convolutions' operand dtype (None: the inputs' dtype), torch.compile'd)
 CONVNET_ENGINES = {"convnet": (None, False), "convnet-bf16": (torch.bfloat16, False),
                    "convnet-compiled": (None, True), "convnet-bf16-compiled": (torch.bfloat16, True)}
-ENGINES = ("auto", *CONVNET_ENGINES, "autograd")
+ENGINES = ("auto", "fast", *CONVNET_ENGINES, "autograd")
 
 def make_kernel(flat: FlatModel, engine: str = "auto"):
-    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (the
-    ConvNet kernel with bfloat16 convolution operands, fp32 accumulation and everything else in the inputs'
-    dtype; AVX-512-BF16 / AMX CPUs and recent GPUs run these much faster), 'convnet-compiled' /
-    'convnet-bf16-compiled' (the same under ``torch.compile``; the first call compiles for a minute or two) or
-    'autograd'."""
+    """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (bf16
+    convolution operands, fp32 accumulation, the rest in the inputs' dtype: fast on AVX-512-BF16 / AMX CPUs and
+    recent GPUs), 'convnet[-bf16]-compiled' (under ``torch.compile``; the first call compiles for a minute or
+    two), 'fast' (the fastest of these measured on the model's device, :func:`compiled.fast_engine`), 'autograd'."""
     if engine not in ENGINES:
         raise FedLatentError(f"unknown MTT engine {engine!r} ({', '.join(ENGINES)})")
+    if engine == "fast":  # any other model: the autograd kernel, as 'auto'
+        ok = ConvNetKernel.supports(flat.model)
+        engine = compiled.fast_engine(next(flat.model.parameters()).device) if ok else "auto"
     if engine == "autograd":
         return AutogradKernel(flat)
     if ConvNetKernel.supports(flat.model):
-        dtype, compiled = CONVNET_ENGINES.get(engine, (None, False))
-        return ConvNetKernel(flat, conv_dtype=dtype, compile=compiled)
+        dtype, comp = CONVNET_ENGINES.get(engine, (None, False))
+        return ConvNetKernel(flat, conv_dtype=dtype, compile=comp)
     if engine.startswith("convnet"):
         raise FedLatentError(f"the {engine!r} engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
                              f"got {type(flat.model).__name__}")

@@ -5,9 +5,8 @@ One round:
 
 1. **Clients.** Every selected client receives the global *surrogate* (a ConvNet, flat parameter vector
    ``params``), trains ``local_epochs`` of SGD on its data (FLConfig ``lr`` / ``momentum`` / ``weight_decay``;
-   reference: lr 0.01, no momentum) and uploads its start and end parameters ``{"start", "end"}`` only. The
-   uploads go through the engine's screening (:func:`fedlatent.fl.validate.validate_uploads`); the server
-   additionally drops an upload whose ``start`` is not what it sent.
+   reference: lr 0.01, no momentum) and uploads its start and end parameters ``{"start", "end"}`` only,
+   screened by :func:`fedlatent.fl.validate.validate_uploads` and dropped when ``start`` is not what was sent.
 2. **Server distillation, per client.** ``ipc`` latents per class for *all* classes are initialised from the
    generator (``z ~ N(0, I)``, ``w = mapping(z, c)``, f_k rendered from w; pixel space: N(0, 1) noise), so no
    client data ever reaches the server. Latent MTT (MTT eqs. 1-2 through the generator, GLaD) then matches the
@@ -42,6 +41,7 @@ from ...artifacts.grids import save_class_grid
 from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
 from ...distill.batched import distill_clients
 from ...distill.distiller import DistillConfig, Distiller
+from ...distill.kernels import ENGINES
 from ...distill.pool import DistilledSet, Pool, harvest, map_distillation, pool_round, round_record
 from ...errors import FedLatentError
 from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
@@ -60,7 +60,7 @@ class FedDGMConfig:
     """Options of :class:`FedDGM`. Every default is the reference's value (FedDG23/FedDG-main: its CIFAR-10 README
     command, else the argparse defaults of fed_main.py / shared_args.py; the source is named at each field), except
     where a field says it deviates and why. ``fedlatent distill`` starts from a preset instead
-    (:data:`fedlatent.apps.distill.PRESETS`: "cpu", the default there, and "paper"), which says where it differs.
+    (:data:`fedlatent.apps.distill.PRESETS`), which says where it differs.
 
     Deviations from the reference, by design: the meta-gradient is exact (``mtt_mode``; the reference uses TESLA's
     approximate backward), and the synthetic labels may be learned (``soft_labels``; the reference keeps hard
@@ -108,7 +108,10 @@ class FedDGMConfig:
     dsa_strategy: str = DEFAULT_STRATEGY
     """DSA transformations (reference: ``color_crop_cutout_flip_scale_rotate``, shared_args.py)."""
     mtt_mode: str = "exact"
-    """Meta-gradient: 'exact' (constant memory; the reference uses TESLA's approximation) or 'unrolled'."""
+    """Meta-gradient: 'exact' (constant memory; the reference: TESLA's approximation) or 'unrolled'."""
+    mtt_engine: str = "auto"
+    """MTT engine (:data:`fedlatent.distill.kernels.ENGINES`): 'auto' (fp32 ConvNet kernel), 'fast' (bf16 convs +
+    torch.compile where the CPU has them: within the stated tolerance of fp32, not bitwise) or a named one."""
     chunk_size: int = 64
     """Images rendered per generator call (memory)."""
     surrogate: str = "convnet"
@@ -166,7 +169,7 @@ class FedDGMConfig:
         for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
-                              ("pool", ("round", "all")), ("batched", (True, False, "auto"))):
+                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto"))):
             if getattr(self, name) not in allowed:
                 raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
                                      f"{getattr(self, name)!r}")
@@ -181,7 +184,6 @@ class FedDGMConfig:
 @register_method("feddgm")
 class FedDGM(Strategy):
     """FedDGM: client trajectories -> server latent MTT per client -> train on the pooled distilled sets.
-
     Options: :class:`FedDGMConfig` (``FedDGM(config)`` or ``FedDGM(**options)``).
 
     ``distill_map`` (not an option; set by :meth:`fedlatent.backends.ray.RayBackend.attach`): a client runner
@@ -242,14 +244,11 @@ class FedDGM(Strategy):
                     raise FedLatentError(f"{self.name}: generator {name!r} knows {self.G.c_dim} classes, the "
                                          f"dataset has {ctx.num_classes}")
                 self.G.check_k(parse_space(self.space))
-        if self._pixel:
-            self.space = "pixel"
+        self.space = "pixel" if self._pixel else self.space
         self.generator_sha256 = generator_identity(self.generator_name)[1] if self.G is not None else None
         self.model = ctx.build_model()
-        if self.surrogate_spec == ctx.config.model:
-            self.surrogate = self.model
-        else:
-            self.surrogate = ctx.build_model(self.surrogate_spec, key="feddgm-surrogate")
+        self.surrogate = (self.model if self.surrogate_spec == ctx.config.model
+                          else ctx.build_model(self.surrogate_spec, key="feddgm-surrogate"))
         if any(True for _ in self.surrogate.buffers()):
             raise FedLatentError(f"{self.name}: the surrogate {self.surrogate_spec!r} has buffers (e.g. batch norm); "
                                  "trajectory matching needs a buffer-free student such as the instance-norm ConvNet")
@@ -320,6 +319,7 @@ class FedDGM(Strategy):
                                 lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2,
                                 lr_label=self.lr_label if self.soft_labels else 0.0,
                                 lr_teacher=self.lr_teacher, momentum=self.momentum, mode=self.mtt_mode,
+                                engine=self.mtt_engine,
                                 dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)), dsa_strategy=self.dsa_strategy,
                                 dsa_siamese=False, seed=derive_seed(seed, "mtt"))
             out.append(Distiller(self.surrogate, syn, labels, (lambda it, s=start, e=end: (s, e)), cfg,
