@@ -35,6 +35,25 @@ def test_initial_pool_is_the_distillations_starting_point(digits16):
     assert p.distilled["accs"] == p.initial["accs"] and not p.holds  # equal is not better
 
 
+def test_inferred_classes_reach_the_pool_and_the_premise(digits16):
+    """classes='inferred': each client's ipc * 10 images are spread over the classes its upload raised (here, with a
+    Dirichlet 0.01 split, far fewer than 10), and the premise check re-creates those sets bit for bit."""
+    from fedlatent.apps.premise import initial_pool
+
+    from fedlatent.fl.simulation import simulate
+
+    cfg = {k: v for k, v in TINY.items() if k not in ("surrogate", "ipc", "syn_steps", "train_epochs")}
+    s = simulate("feddgm", data=digits16, progress=False, partition="dirichlet", alpha=0.01,
+                 method_options=dict(generator="digits", surrogate=TINY["surrogate"], ipc=2, iterations=0, syn_steps=2,
+                                     train_epochs=1, classes="inferred", progress=False, save_artifacts=False),
+                 **cfg).strategy
+    x0, y0, _, _ = initial_pool(s)
+    assert torch.equal(x0, s.pool.images) and torch.equal(y0, s.pool.labels)
+    for cid in s.pool.clients.unique():
+        y = s.pool.labels[s.pool.clients == cid]
+        assert len(y) == 20 and len(y.unique()) < 10  # the whole budget, over fewer classes
+
+
 def test_premise_check_after_distillation(digits16):
     """After MTT the pool differs from its start: the movement is ||f_T - f_0|| / ||f_0|| recomputed here, the
     real subset has the pool's size and class balance, and the markdown states the verdict."""

@@ -85,8 +85,10 @@ def initial_pool(strategy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     pool = strategy.pool
     imgs, labels, ws, fs = [], [], [], []
     keys = list(dict.fromkeys(zip(pool.rounds.tolist(), pool.clients.tolist())))
-    for rnd, cid in keys:
-        syn, y, _ = strategy.initial_synthetic(int(rnd), int(cid))
+    hard = pool.labels.argmax(1) if pool.labels.is_floating_point() else pool.labels
+    for rnd, cid in keys:  # classes="inferred": each set's own classes, as the pool holds them
+        own = hard[(pool.rounds == rnd) & (pool.clients == cid)] if strategy.classes == "inferred" else None
+        syn, y, _ = strategy.initial_synthetic(int(rnd), int(cid), own)
         imgs.append(syn.render().detach().float().cpu())
         labels.append((y.argmax(1) if y.is_floating_point() else y).long().cpu())  # the classes, hard
         fw = syn.full_ws() if hasattr(syn, "full_ws") else None

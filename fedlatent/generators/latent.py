@@ -125,8 +125,10 @@ class LatentSet:
                    seed: int = 0, init: str = "random", mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
                    clip: float | None = 10.0, mean_w_samples: int = 1000, chunk_size: int = 64,
                    image_size: int | None = None, gen_classes: Sequence[int] | None = None,
-                   channels: int | None = None, truncation_psi: float = 1.0) -> "LatentSet":
-        """Per-class initialisation (GLaD ``prepare_latents``): ``ipc`` images for each class.
+                   channels: int | None = None, truncation_psi: float = 1.0,
+                   labels: torch.Tensor | None = None) -> "LatentSet":
+        """Per-class initialisation (GLaD ``prepare_latents``): ``ipc`` images for each class, or one image per
+        entry of ``labels`` (class indices) when given.
 
         ``init``: ``"random"`` (``ws = mapping(z, c)``, fresh ``z`` per image) or ``"mean_w"`` (class-mean ``w`` over
         ``mean_w_samples`` draws; every image of a class starts identical). Pixel space: ``"random"`` = N(0, 1)
@@ -143,7 +145,10 @@ class LatentSet:
                 num_classes = generator.c_dim
             else:
                 raise FedLatentError("num_classes is required for pixel space")
-        labels = torch.arange(num_classes).repeat_interleave(ipc)
+        labels = torch.arange(num_classes).repeat_interleave(ipc) if labels is None else torch.as_tensor(labels)
+        labels = labels.long().cpu()
+        if len(labels) == 0 or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise FedLatentError(f"labels must be a non-empty list of class indices below {num_classes}")
         if k == PIXEL:
             if init != "random":
                 raise FedLatentError(f"pixel space supports init='random' only (got {init!r}); pass images to LatentSet")

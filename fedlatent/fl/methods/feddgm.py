@@ -50,6 +50,7 @@ from ...train import fit_on_set
 from ...utils import derive_seed, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import _privacy, client_model, local_train
+from ..label_inference import client_labels
 from ..options import check_int, check_number, make_config
 
 log = logging.getLogger("fedlatent.fl.feddgm")
@@ -140,8 +141,9 @@ class FedDGMConfig:
     max_batch: int | None = None
     """At most this many clients per batch (None: as many as memory allows)."""
     classes: str = "all"
-    """Classes distilled per client: 'all', the only choice (as the reference, whose ``prepare_latents`` never sees
-    the client): anything else needs the client to reveal its labels."""
+    """Classes of a client's ``ipc * num_classes`` synthetic images: 'all' (``ipc`` each, as the reference) or
+    'inferred' (beyond the paper): spread over the classes whose output bias the client's upload raised
+    (:mod:`fedlatent.fl.label_inference`; it reads only the upload, but it does read labels off it)."""
     dataset: str | None = None
     """The data set's name: picks the default generator and goes into the export metadata."""
     progress: bool = True
@@ -169,15 +171,13 @@ class FedDGMConfig:
         for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
-                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto"))):
+                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto")),
+                              ("classes", ("all", "inferred"))):
             if getattr(self, name) not in allowed:
                 raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
                                      f"{getattr(self, name)!r}")
         self.dsa_strategy, self.surrogate = str(self.dsa_strategy), str(self.surrogate)
         parse_strategy(self.dsa_strategy)
-        if self.classes != "all":
-            raise FedLatentError(f"{own}: classes must be 'all' (the server cannot know which classes a client "
-                                 "holds without the client disclosing its labels)")
         self.dataset = None if self.dataset is None else str(self.dataset)
 
 
@@ -205,8 +205,7 @@ class FedDGM(Strategy):
         self.generator_name, self.surrogate_spec, self.pool_mode = d.pop("generator"), d.pop("surrogate"), d.pop("pool")
         vars(self).update(d)
         self._pixel = self.space is not None and parse_space(self.space) == PIXEL
-        self.pool: Pool | None = None
-        self.round_log: list[dict[str, Any]] = []
+        self.pool, self.round_log = None, []  # Pool | None, list[dict]: the round log
 
     def options(self) -> dict[str, Any]:
         o = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("progress", "save_artifacts")}
@@ -222,10 +221,8 @@ class FedDGM(Strategy):
         super().setup(ctx)
         self.G = None
         if not self._pixel:
-            name = self.generator_name
             self.dataset = self.dataset or getattr(ctx, "dataset", None)  # the run's data set: its default generator
-            if name is None:
-                name = default_generator(self.dataset or "")
+            name = self.generator_name or default_generator(self.dataset or "")
             if name is None:
                 raise FedLatentError(f"{self.name}: " + no_generator_message(self.dataset or "DATASET"))
             name = complete_generator_spec(name, ctx.channels, ctx.image_size, ctx.num_classes)  # random:...
@@ -283,13 +280,15 @@ class FedDGM(Strategy):
         return self.model
 
     # -- the server ------------------------------------------------------------------------------------
-    def _synthetic(self, seed: int):
-        """A fresh synthetic set for one client: latents for all classes (or pixel noise) and the labels."""
+    def _synthetic(self, seed: int, classes: torch.Tensor | None = None):
+        """A fresh synthetic set for one client, ``ipc`` per class or one per entry of ``classes``: latents (or
+        pixel noise) and the labels."""
         from ...generators.latent import LatentSet
         from ...synthetic import PixelSet
 
         ctx = self.ctx
-        labels = torch.arange(ctx.num_classes).repeat_interleave(self.ipc).to(ctx.device)
+        classes = torch.arange(ctx.num_classes).repeat_interleave(self.ipc) if classes is None else classes.cpu()
+        labels = classes.to(ctx.device)
         if self.soft_labels:  # learned logits, label_init * onehot (fedlatent.distill.distiller: float labels)
             labels = nn.functional.one_hot(labels, ctx.num_classes).float() * self.label_init
         if self._pixel:
@@ -298,13 +297,16 @@ class FedDGM(Strategy):
             syn = PixelSet(x.to(ctx.device))
             return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
         ls = LatentSet.initialize(self.G, self.space, self.ipc, num_classes=ctx.num_classes, seed=seed, init=self.init,
-                                  mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
+                                  mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size,
+                                  labels=classes)
         return ls, labels, torch.optim.SGD(ls.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
 
-    def initial_synthetic(self, rnd: int, client_id: int):
+    def initial_synthetic(self, rnd: int, client_id: int, classes: torch.Tensor | None = None):
         """The synthetic set a client's distillation starts from in round ``rnd`` (seeded by (seed, round, client);
-        also what :mod:`fedlatent.apps.premise` renders as the no-MTT reference): ``(set, labels, optimiser)``."""
-        return self._synthetic(derive_seed(derive_seed(self.ctx.config.seed, "feddgm", rnd, client_id), "latents"))
+        ``classes``: its images' classes under ``classes="inferred"``; also what :mod:`fedlatent.apps.premise`
+        renders as the no-MTT reference): ``(set, labels, optimiser)``."""
+        seed = derive_seed(derive_seed(self.ctx.config.seed, "feddgm", rnd, client_id), "latents")
+        return self._synthetic(seed, classes)
 
     def make_distillers(self, rnd: int, uploads: Sequence[Upload]) -> list[Distiller]:
         """One engine Distiller per upload: start -> end segment, fresh latents, seeds (seed, round, client)."""
@@ -312,16 +314,16 @@ class FedDGM(Strategy):
         out = []
         for u in uploads:
             seed = derive_seed(ctx.config.seed, "feddgm", rnd, u.client_id)
-            start = u.tensors["start"].detach().to(ctx.device)
-            end = u.tensors["end"].detach().to(ctx.device)
-            syn, labels, opt = self.initial_synthetic(rnd, u.client_id)
+            start, end = (u.tensors[k].detach().to(ctx.device) for k in ("start", "end"))
+            inferred = self.classes == "inferred"  # the budget over the classes the upload shows (label_inference)
+            classes = client_labels(self.flat, start, end, self.ipc * ctx.num_classes) if inferred else None
+            syn, labels, opt = self.initial_synthetic(rnd, u.client_id, classes)
             cfg = DistillConfig(syn_steps=self.syn_steps, expert_epochs=1, max_start_epoch=1, batch_syn=self.batch_syn,
                                 lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2,
                                 lr_label=self.lr_label if self.soft_labels else 0.0,
                                 lr_teacher=self.lr_teacher, momentum=self.momentum, mode=self.mtt_mode,
-                                engine=self.mtt_engine,
-                                dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)), dsa_strategy=self.dsa_strategy,
-                                dsa_siamese=False, seed=derive_seed(seed, "mtt"))
+                                engine=self.mtt_engine, dsa=self.dsa and bool(parse_strategy(self.dsa_strategy)),
+                                dsa_strategy=self.dsa_strategy, dsa_siamese=False, seed=derive_seed(seed, "mtt"))
             out.append(Distiller(self.surrogate, syn, labels, (lambda it, s=start, e=end: (s, e)), cfg,
                                  image_optimizer=opt))
         return out
@@ -456,8 +458,7 @@ class FedDGM(Strategy):
 
         if self.pool is None:
             return None
-        ctx = self.ctx
-        p = self.pool
+        ctx, p = self.ctx, self.pool
         return save_distilled(path, p.images, p.labels, dataset=self.dataset or "",
                               class_names=ctx.class_names, mean=ctx.mean, std=ctx.std,
                               generator=self.generator_name if self.G is not None else None,
@@ -468,8 +469,7 @@ class FedDGM(Strategy):
     def save_round(self, folder: str | os.PathLike, rnd: int) -> None:
         folder = Path(folder)
         self.save_distilled(folder / DISTILLED_FILE)
-        cur = self.pool
-        mask = cur.rounds == rnd
+        cur, mask = self.pool, self.pool.rounds == rnd
         classes = cur.labels.argmax(1) if cur.labels.is_floating_point() else cur.labels
         save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], classes[mask], cur.clients[mask],
                         self.ctx.mean, self.ctx.std, self.ctx.class_names,
