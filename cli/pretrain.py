@@ -54,6 +54,9 @@ def _command_line(ctx: click.Context, params: dict | None = None) -> str:
 @click.option("--r1-gamma", type=float, default=0.0, show_default=True,
               help="R1 gradient penalty on real images (0 = off), applied lazily every --r1-every steps.")
 @click.option("--r1-every", type=int, default=16, show_default=True)
+@click.option("--ms-weight", type=float, default=0.0, show_default=True,
+              help="Mode-seeking regularisation (Mao et al. 2019): same-class samples from distant z must differ "
+                   "(0 = off); against collapse within a class.")
 @click.option("--balanced/--no-balanced", default=True, show_default=True,
               help="Draw real images class-balanced (matters for imbalanced data sets).")
 @click.option("--channel-base", type=int, default=512, show_default=True)
@@ -116,9 +119,9 @@ def pretrain(**opts):
 
 
 def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, lr_g, lr_d, ac_weight, augment,
-         d_channels, d_channels_max, mbstd_group, r1_gamma, r1_every, balanced, channel_base, channel_max, z_dim,
-         w_dim, seed, max_minutes, save_every, state, resume, eval_every, eval_per_class, eval_gan_train_epochs, curve,
-         device, out, name, manifest_path, no_manifest, no_progress):
+         d_channels, d_channels_max, mbstd_group, r1_gamma, r1_every, ms_weight, balanced, channel_base, channel_max,
+         z_dim, w_dim, seed, max_minutes, save_every, state, resume, eval_every, eval_per_class, eval_gan_train_epochs,
+         curve, device, out, name, manifest_path, no_manifest, no_progress):
     from fedlatent.data import load_dataset
     from fedlatent.generators.builtin import BuiltinConfig
     from fedlatent.generators.registry import MANIFEST_NAME, write_manifest_entry
@@ -136,8 +139,9 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
     params.update(dataset=dataset, data_root=data_root, image_size=image_size, public_split=public_split,
                   batch_size=batch_size, lr_g=lr_g, lr_d=lr_d, ac_weight=ac_weight, augment=augment,
                   d_channels=d_channels, d_channels_max=d_channels_max, mbstd_group=mbstd_group, r1_gamma=r1_gamma,
-                  r1_every=r1_every, balanced=balanced, channel_base=channel_base, channel_max=channel_max,
-                  z_dim=z_dim, w_dim=w_dim, seed=seed, steps=steps, max_minutes=max_minutes, save_every=save_every)
+                  r1_every=r1_every, ms_weight=ms_weight, balanced=balanced, channel_base=channel_base,
+                  channel_max=channel_max, z_dim=z_dim, w_dim=w_dim, seed=seed, steps=steps, max_minutes=max_minutes,
+                  save_every=save_every)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise FedLatentError(f"--out must end in .safetensors, got {out}")
@@ -154,8 +158,8 @@ def _run(ctx, dataset, data_root, image_size, public_split, steps, batch_size, l
                             dataset=data.name, classes=list(data.classes))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr_g=lr_g, lr_d=lr_d, ac_weight=ac_weight, augment=augment,
                       d_channels=d_channels, d_channels_max=d_channels_max, mbstd_group=mbstd_group,
-                      r1_gamma=r1_gamma, r1_every=r1_every, balanced=balanced, seed=seed, max_minutes=max_minutes,
-                      save_every=save_every)
+                      r1_gamma=r1_gamma, r1_every=r1_every, ms_weight=ms_weight, balanced=balanced, seed=seed,
+                      max_minutes=max_minutes, save_every=save_every)
     command = _command_line(ctx, params)
     options = {k: params[k] for k in params if k not in _OPERATIONAL and k not in ("out", "name", "device")}
     info = {"dataset": data.name, "dataset_spec": dataset, "image_size": data.image_size, "public_split": public,

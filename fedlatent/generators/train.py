@@ -15,6 +15,9 @@ Objective: a class-conditional GAN that a CPU can train in minutes —
 * an auxiliary classifier head on ``h(x)`` (AC-GAN, Odena et al. 2017), trained on real images only and used as
   an extra generator loss ``ac_weight * CE(cls(G(z, y)), y)``: it makes samples class-recognisable after few
   steps, which is what distillation through the generator needs;
+* optionally mode-seeking regularisation (Mao et al., "Mode Seeking GANs", CVPR 2019, eq. 3; ``ms_weight``):
+  pairs of samples of the same class from different z must differ in proportion to their z distance
+  (:func:`mode_seeking_loss`), against the intra-class collapse the auxiliary-classifier loss encourages;
 * DiffAugment (Zhao et al. 2020: colour / translation / cutout applied identically-distributed to real and fake
   images before D, differentiably) against discriminator over-fitting on small public splits;
 * an exponential moving average of the generator weights (``G_ema``, what is saved) and the per-class running
@@ -104,6 +107,7 @@ class TrainConfig:
     mbstd_group: int = 4  # minibatch-std group size in D (0: off)
     r1_gamma: float = 0.0  # R1 penalty weight (0: off), applied lazily every r1_every steps
     r1_every: int = 16
+    ms_weight: float = 0.0  # mode-seeking regularisation weight (0: off; Mao et al. 2019)
     balanced: bool = True  # draw real images class-balanced (uniform class, then uniform image in it)
     seed: int = 0
     max_minutes: float | None = None
@@ -118,8 +122,8 @@ class TrainConfig:
         for p in filter(None, self.augment.split(",")):
             if p not in ("color", "translation", "cutout"):
                 raise FedLatentError(f"unknown augmentation {p!r}; use color, translation, cutout")
-        if self.mbstd_group < 0 or self.r1_gamma < 0 or self.r1_every < 1:
-            raise FedLatentError("mbstd_group and r1_gamma must be >= 0 and r1_every >= 1")
+        if self.mbstd_group < 0 or self.r1_gamma < 0 or self.r1_every < 1 or self.ms_weight < 0:
+            raise FedLatentError("mbstd_group, r1_gamma and ms_weight must be >= 0 and r1_every >= 1")
         return self
 
 
@@ -323,6 +327,14 @@ def train_generator(data: ImageData, public_idx: np.ndarray, gen_cfg: BuiltinCon
     return TrainResult(G_ema, step, train_seconds(), history, curve)
 
 
+def mode_seeking_loss(x1: torch.Tensor, x2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """Mode-seeking term (Mao et al., CVPR 2019, eq. 3, minimised as its reciprocal):
+    ``1 / (mean|x1 - x2| / mean|z1 - z2| + eps)`` over pairs ``(x_i, z_i)`` of the same class."""
+    ratio = (x1 - x2).abs().mean() / (z1 - z2).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
 def _train_step(step, G, G_ema, D, opt_g, opt_d, x_pub, y_pub, sampler, present, policy, gen_cfg, cfg, g_data, g_z,
                 g_aug, bs, history, postfix, train_seconds) -> None:
     """One discriminator update (plus a lazy R1 update every ``cfg.r1_every`` steps) and one generator update."""
@@ -354,12 +366,18 @@ def _train_step(step, G, G_ema, D, opt_g, opt_d, x_pub, y_pub, sampler, present,
         opt_d.zero_grad(set_to_none=True)
         (r1 * (cfg.r1_gamma / 2) * cfg.r1_every).backward()
         opt_d.step()
-    # generator step
+    # generator step (with the mode-seeking term, samples i and h + i share their class)
     z = torch.randn(bs, gen_cfg.z_dim, generator=g_z).to(device)
+    h = bs // 2
+    if cfg.ms_weight > 0:
+        yf = torch.cat([yf[:h], yf[:h], yf[2 * h:]])
+        onehot = F.one_hot(yf, c_dim).float() if gen_cfg.c_dim else None
     ws = G.mapping(z, onehot)
     fake = G.synthesis(ws)
     d_gen, cls_gen = D(diff_augment(fake, policy, g_aug), yf)
     loss_g = -d_gen.mean()
+    if cfg.ms_weight > 0:
+        loss_g = loss_g + cfg.ms_weight * mode_seeking_loss(fake[:h], fake[h:2 * h], z[:h], z[h:2 * h])
     ac = torch.zeros(())
     if gen_cfg.c_dim and cfg.ac_weight > 0:
         ac = F.cross_entropy(cls_gen, yf)
