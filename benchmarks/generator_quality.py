@@ -58,28 +58,33 @@ def generator_record(name: str) -> dict:
     return {}
 
 
-def plot_curve(curve: str | Path, png: str | Path, reference: dict | None = None, ref_label: str = "") -> Path:
-    """Quality against training time from a ``fedlatent pretrain --eval-every`` log (``*.curve.jsonl``), one panel
-    per metric, the real-vs-real ceiling dashed and an optional reference generator's values dotted."""
+def plot_curve(curve: str | Path, png: str | Path, reference: dict | None = None, ref_label: str = "",
+               x: str = "minutes") -> Path:
+    """Quality against training time (``x="minutes"``) or steps from ``fedlatent pretrain --eval-every`` logs
+    (``*.curve.jsonl``; ``curve`` one path or ``LABEL=PATH,LABEL=PATH`` to overlay runs), one panel per metric, the
+    real-vs-real ceiling dashed and an optional reference generator's values dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(t) for t in Path(curve).read_text().splitlines() if t.strip()]
-    ceiling = next((r["ceiling"] for r in lines if "ceiling" in r), {})
-    pts = [r for r in lines if "train_seconds" in r]
-    keys = [k for k in ("fidelity", "coverage", "recall", "precision", "fd", "gan_train") if any(k in r for r in pts)]
+    runs = [(c.partition("=")[0], c.partition("=")[2]) if "=" in c else ("", c) for c in str(curve).split(",")]
+    logs = [(label, [json.loads(t) for t in Path(path).read_text().splitlines() if t.strip()]) for label, path in runs]
+    ceiling = next((r["ceiling"] for _, lines in logs for r in lines if "ceiling" in r), {})
+    pts = [(label, [r for r in lines if "train_seconds" in r]) for label, lines in logs]
+    keys = [k for k in ("fidelity", "coverage", "recall", "precision", "fd", "gan_train")
+            if any(k in r for _, rs in pts for r in rs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        xs = [r["train_seconds"] / 60 for r in pts if k in r]
-        ax.plot(xs, [r[k] for r in pts if k in r], "o-", ms=3)
+        for label, rs in pts:
+            xs = [r["train_seconds"] / 60 if x == "minutes" else r["step"] for r in rs if k in r]
+            ax.plot(xs, [r[k] for r in rs if k in r], "o-", ms=3, label=label or None)
         if k in ceiling:
             ax.axhline(ceiling[k], ls="--", c="gray", lw=1, label="real vs real")
         if reference and reference.get(k) is not None:
             ax.axhline(reference[k], ls=":", c="C3", lw=1.2, label=ref_label or "reference")
         ax.set_title(k)
-        ax.set_xlabel("training minutes")
+        ax.set_xlabel("training minutes" if x == "minutes" else "steps")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +112,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-dir", default="benchmarks/results")
     ap.add_argument("--out", default="benchmarks/results/generator_quality.json")
-    ap.add_argument("--curve", default=None, help="plot a pretrain quality log (*.curve.jsonl) and exit")
+    ap.add_argument("--curve", default=None, help="plot a pretrain quality log (*.curve.jsonl, or LABEL=PATH,... to "
+                                                  "overlay runs) and exit")
+    ap.add_argument("--curve-x", choices=["minutes", "steps"], default="minutes")
     ap.add_argument("--curve-png", default="benchmarks/results/generator_curve.png")
     ap.add_argument("--curve-ref", default=None,
                     help="DATASET:NAME from a report of this script (--out) to draw as a reference line")
@@ -118,7 +125,7 @@ def main(argv=None) -> dict:
         if args.curve_ref:
             ds, _, name = args.curve_ref.partition(":")
             ref = json.loads(Path(args.curve_ref_json).read_text())["results"][ds]["generators"][name]
-        print(f"wrote {plot_curve(args.curve, args.curve_png, ref, name if ref else '')}")
+        print(f"wrote {plot_curve(args.curve, args.curve_png, ref, name if ref else '', args.curve_x)}")
         return {}
 
     chosen: dict[str, list[str]] = {}
