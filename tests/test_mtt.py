@@ -485,22 +485,14 @@ def test_cli_distill_pixels(tmp_path):
 def test_fast_engine_picks_by_device_and_machine(monkeypatch):
     """engine 'fast': bf16 + compile on a CPU with AVX-512-BF16 and a compiler, compiled fp32 without bf16, the plain
     kernel without a compiler, after a failed compilation, and on CUDA; make_kernel builds what it names."""
-    monkeypatch.setattr(compiled, "compile_unavailable", lambda: None)
-    monkeypatch.setitem(compiled.STATE, "failed", False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert compiled.fast_engine("cpu") == "convnet-bf16-compiled"
-    assert compiled.fast_engine("cuda:0") == "convnet"
     flat = _problem()[0]
-    k = make_kernel(flat, "fast")
-    assert k.compiled and k.cdt == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert compiled.fast_engine("cpu") == "convnet-compiled"
-    k = make_kernel(flat, "fast")
-    assert k.compiled and k.cdt is None
-    monkeypatch.setitem(compiled.STATE, "failed", True)
-    assert compiled.fast_engine("cpu") == "convnet"
-    monkeypatch.setitem(compiled.STATE, "failed", False)
-    monkeypatch.setattr(compiled, "compile_unavailable", lambda: "no C++ compiler found (test)")
-    assert compiled.fast_engine("cpu") == "convnet"
-    k = make_kernel(flat, "fast")  # no error: 'fast' degrades, an explicit '-compiled' engine raises
-    assert not k.compiled and k.cdt is None
+    for bf16, unavailable, failed, want, cdt in ((True, None, False, "convnet-bf16-compiled", torch.bfloat16),
+                                                 (False, None, False, "convnet-compiled", None),
+                                                 (True, None, True, "convnet", None),
+                                                 (True, "no C++ compiler found (test)", False, "convnet", None)):
+        monkeypatch.setattr(compiled, "compile_unavailable", lambda u=unavailable: u)
+        monkeypatch.setitem(compiled.STATE, "failed", failed)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b, raising=False)
+        assert compiled.fast_engine("cpu") == want and compiled.fast_engine("cuda:0") == "convnet"
+        k = make_kernel(flat, "fast")  # never an error: 'fast' degrades, an explicit '-compiled' engine raises
+        assert k.compiled == want.endswith("compiled") and k.cdt == cdt
