@@ -3,9 +3,10 @@
 A client training a softmax classifier with cross-entropy changes the output bias by
 ``b_c <- b_c - lr * mean_i (p_ic - y_ic)`` at every step. For a class the client does not hold, ``y_ic = 0`` and
 the bias falls at every step (plain SGD; momentum keeps the sign, weight decay can blur it); a class's bias rises
-only while its share of the client's labels exceeds the model's mean predicted probability for it. So over a local trajectory ``Delta b_c = b_c(end) - b_c(start) > 0`` marks the
-classes the client holds (Zhao et al., "iDLG", 2020, read the labels off one gradient the same way; here it is
-read off the start/end parameters that FedDGM's clients upload anyway).
+only while its share of the client's labels exceeds the model's mean predicted probability for it. So over a
+local trajectory ``Delta b_c = b_c(end) - b_c(start) > 0`` marks the classes the client holds (Zhao et al.,
+"iDLG", 2020, read the labels off one gradient the same way; here it is read off the start/end parameters that
+FedDGM's clients upload anyway).
 
 FedDGM's ``classes="inferred"`` (:class:`fedlatent.fl.methods.feddgm.FedDGMConfig`) spends each client's
 distillation budget on those classes instead of on every class: under strong label skew a client's trajectory
