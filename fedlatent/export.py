@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .utils import FedLatentError, save_safetensors
+from .utils import FedLatentError, class_indices, save_safetensors
 
 FORMAT = "fedlatent.distilled"
 FORMAT_VERSION = "1"
@@ -89,7 +89,7 @@ class DistilledDataset(Dataset):
         """Class indices (argmax for soft labels)."""
         if self.labels is None:
             return None
-        return self.labels.argmax(1) if self.labels.dtype.is_floating_point else self.labels
+        return class_indices(self.labels)
 
     def unit_images(self) -> torch.Tensor:
         """The images in [0, 1] (clamped), for viewing."""

@@ -112,5 +112,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def class_indices(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices of hard labels ``[N]`` or of soft-label logits ``[N, K]`` (their argmax)."""
+    return labels.argmax(1) if labels.dtype.is_floating_point else labels
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

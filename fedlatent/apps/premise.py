@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import FedLatentError
+from ..utils import class_indices
 
 
 @dataclass
@@ -85,12 +86,12 @@ def initial_pool(strategy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     pool = strategy.pool
     imgs, labels, ws, fs = [], [], [], []
     keys = list(dict.fromkeys(zip(pool.rounds.tolist(), pool.clients.tolist())))
-    hard = pool.labels.argmax(1) if pool.labels.is_floating_point() else pool.labels
+    hard = class_indices(pool.labels)
     for rnd, cid in keys:  # classes="inferred": each set's own classes, as the pool holds them
         own = hard[(pool.rounds == rnd) & (pool.clients == cid)] if strategy.classes == "inferred" else None
         syn, y, _ = strategy.initial_synthetic(int(rnd), int(cid), own)
         imgs.append(syn.render().detach().float().cpu())
-        labels.append((y.argmax(1) if y.is_floating_point() else y).long().cpu())  # the classes, hard
+        labels.append(class_indices(y).long().cpu())
         fw = syn.full_ws() if hasattr(syn, "full_ws") else None
         ws.append(None if fw is None else fw.detach().float().cpu())
         f = getattr(syn, "f", None)

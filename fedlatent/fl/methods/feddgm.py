@@ -47,7 +47,7 @@ from ...errors import FedLatentError
 from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
 from ...models.functional import FlatModel
 from ...train import fit_on_set
-from ...utils import derive_seed, torch_generator
+from ...utils import class_indices, derive_seed, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import _privacy, client_model, local_train
 from ..label_inference import client_labels
@@ -470,7 +470,7 @@ class FedDGM(Strategy):
         folder = Path(folder)
         self.save_distilled(folder / DISTILLED_FILE)
         cur, mask = self.pool, self.pool.rounds == rnd
-        classes = cur.labels.argmax(1) if cur.labels.is_floating_point() else cur.labels
+        classes = class_indices(cur.labels)
         save_class_grid(folder / GRID_PATTERN.format(r=rnd), cur.images[mask], classes[mask], cur.clients[mask],
                         self.ctx.mean, self.ctx.std, self.ctx.class_names,
                         title=f"{self.label} round {rnd}: distilled images per class ({self.space}; "
