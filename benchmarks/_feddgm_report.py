@@ -1,7 +1,15 @@
 """Tables and plots of ``benchmarks/feddgm.py``: the cells' accuracies as mean +- std over seeds, the premise
-check, the cross-architecture transfer, the speed line, and the accuracy curves."""
+check, the cross-architecture transfer, the speed line, the accuracy curves, and the issue's acceptance targets.
+
+Run as a script it merges the ``record.json`` of grid parts run into separate ``--out`` folders::
+
+    python benchmarks/_feddgm_report.py OUT1 OUT2 ... [--json merged.json] [--png curves.png] [--hybrid hyb-m]
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -102,3 +110,96 @@ def plot_cells(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
+
+
+def collect(folders) -> list[dict]:
+    """Every ``*/record.json`` under ``folders``, one per (dataset, alpha, seed, method): a later folder's run of the
+    same cell replaces an earlier one's, so a rerun part can be listed last."""
+    runs: dict = {}
+    for folder in folders:
+        for rec_path in sorted(Path(folder).glob("*/record.json")):
+            r = json.loads(rec_path.read_text())
+            runs[(r["dataset"], r["alpha"], r["seed"], r["method"])] = r
+    return list(runs.values())
+
+
+def targets(runs: list[dict], hybrid: str = "feddgm+avg") -> list[dict]:
+    """The acceptance targets of the FedDGM grid per (dataset, alpha), each as mean-over-seeds margins and per seed:
+    FedDGM - FedAvg (the target, >= 10 points, at alpha 0.01 only), ``hybrid`` - max(FedAvg, FedAvg-m, DynaFed)
+    (>= 0 at 0.1 and 0.5; the baselines present in the cell), and the premise margins (a) - (b) and (a) - (c) of
+    FedDGM's pool."""
+    by = defaultdict(dict)
+    for r in runs:
+        by[(r["dataset"], r["alpha"])].setdefault(r["method"], {})[r["seed"]] = r
+    out = []
+    for (ds, alpha), per in by.items():
+        row = {"dataset": ds, "alpha": alpha}
+        if "feddgm" in per and "fedavg" in per:
+            seeds = sorted(set(per["feddgm"]) & set(per["fedavg"]))
+            gaps = [100 * (per["feddgm"][s]["final"] - per["fedavg"][s]["final"]) for s in seeds]
+            row["feddgm_minus_fedavg"] = {"seeds": seeds, "per_seed": gaps, "mean": float(np.mean(gaps)),
+                                          "target": 10.0 if alpha == 0.01 else None,
+                                          "met": bool(np.mean(gaps) >= 10.0) if alpha == 0.01 else None}
+        base = [m for m in ("fedavg", "fedavg-m", "dynafed") if m in per]
+        if hybrid in per and base:
+            seeds = sorted(set(per[hybrid]).intersection(*(per[m] for m in base)))
+            gaps = [100 * (per[hybrid][s]["final"] - max(per[m][s]["final"] for m in base)) for s in seeds]
+            mean_gap = 100 * (np.mean([per[hybrid][s]["final"] for s in seeds])
+                              - max(np.mean([per[m][s]["final"] for s in seeds]) for m in base)) if seeds else None
+            row["hybrid_minus_best_baseline"] = {"hybrid": hybrid, "baselines": base, "seeds": seeds,
+                                                 "per_seed": gaps, "mean": None if mean_gap is None else
+                                                 float(mean_gap), "met_every_seed": bool(gaps) and min(gaps) >= 0}
+        prem = [r["premise"] for r in per.get("feddgm", {}).values() if r.get("premise")]
+        if prem:
+            a = [100 * p["distilled"]["mean"] for p in prem]
+            row["premise"] = {"vs_initial": float(np.mean(a) - np.mean([100 * p["initial"]["mean"] for p in prem])),
+                              "vs_real": float(np.mean(a) - np.mean([100 * p["real"]["mean"] for p in prem
+                                                                     if p.get("real")] or [np.nan]))}
+        out.append(row)
+    return out
+
+
+def print_targets(rows: list[dict]) -> None:
+    print("\nAcceptance targets (points; mean over seeds, then per seed)")
+    for row in rows:
+        head = f"{row['dataset']:<14}{row['alpha']:>6}  "
+        if "feddgm_minus_fedavg" in row:
+            t = row["feddgm_minus_fedavg"]
+            verdict = "" if t["met"] is None else f" (target +10: {'met' if t['met'] else 'missed'})"
+            per_seed = ", ".join(f"{g:+.2f}" for g in t["per_seed"])
+            print(head + f"FedDGM - FedAvg {t['mean']:+.2f}{verdict} per seed {per_seed}")
+        if "hybrid_minus_best_baseline" in row:
+            t = row["hybrid_minus_best_baseline"]
+            print(head + f"{t['hybrid']} - max({', '.join(t['baselines'])}) "
+                  + ("-" if t["mean"] is None else f"{t['mean']:+.2f}") + " per seed "
+                  f"{', '.join(f'{g:+.2f}' for g in t['per_seed'])} "
+                  f"({'met on every seed' if t['met_every_seed'] else 'not on every seed'})")
+        if "premise" in row:
+            p = row["premise"]
+            print(head + f"FedDGM premise: pool - initial latents {p['vs_initial']:+.2f}, "
+                  f"pool - real subset {p['vs_real']:+.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Merge benchmarks/feddgm.py grid parts; print tables and targets.")
+    p.add_argument("folders", nargs="+", help="--out folders of benchmarks/feddgm.py (later ones win per cell)")
+    p.add_argument("--json", help="write the merged runs and targets here (no machine paths)")
+    p.add_argument("--png", help="write the accuracy curves here")
+    p.add_argument("--hybrid", default="feddgm+avg", help="the method name the hybrid target checks [%(default)s]")
+    a = p.parse_args(argv)
+    runs = sorted(collect(a.folders), key=lambda r: (r["dataset"], r["alpha"], r["seed"]))
+    if not runs:
+        print(f"no record.json under {', '.join(a.folders)}", file=sys.stderr)
+        return 2
+    print_tables({"runs": runs})
+    rows = targets(runs, a.hybrid)
+    print_targets(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"runs": runs, "targets": rows}, indent=1))
+    if a.png:
+        plot_cells(runs, Path(a.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The FedDGM grid report (``benchmarks/_feddgm_report.py``): merging grid parts and the acceptance margins."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "_feddgm_report", Path(__file__).resolve().parents[1] / "benchmarks" / "_feddgm_report.py")
+report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(report)
+
+
+def _run(method, seed, final, alpha=0.01, premise=None):
+    return {"dataset": "d", "alpha": alpha, "seed": seed, "method": method, "final": final, "last3": final,
+            "curve": [[1, final]], "premise": premise}
+
+
+def _premise(a, b, c):
+    return {"distilled": {"mean": a}, "initial": {"mean": b}, "real": {"mean": c}, "n_images": 20,
+            "f_move": 0.1, "loss_first": 1.0, "loss_last": 0.5}
+
+
+def test_targets_margins_per_seed_and_on_the_mean():
+    runs = [_run("fedavg", 0, 0.20), _run("fedavg", 1, 0.30), _run("feddgm", 0, 0.31, premise=_premise(.3, .2, .4)),
+            _run("feddgm", 1, 0.40, premise=_premise(.5, .4, .4)),
+            _run("fedavg", 0, 0.50, 0.1), _run("fedavg-m", 0, 0.60, 0.1), _run("dynafed", 0, 0.55, 0.1),
+            _run("fedavg", 1, 0.50, 0.1), _run("fedavg-m", 1, 0.40, 0.1), _run("dynafed", 1, 0.45, 0.1),
+            _run("hyb", 0, 0.58, 0.1), _run("hyb", 1, 0.52, 0.1)]
+    rows = {r["alpha"]: r for r in report.targets(runs, hybrid="hyb")}
+    t = rows[0.01]["feddgm_minus_fedavg"]
+    assert t["per_seed"] == pytest.approx([11.0, 10.0]) and t["mean"] == pytest.approx(10.5) and t["met"]
+    assert rows[0.01]["premise"]["vs_initial"] == pytest.approx(10.0)
+    assert rows[0.01]["premise"]["vs_real"] == pytest.approx(0.0)
+    h = rows[0.1]["hybrid_minus_best_baseline"]
+    # per seed against that seed's best baseline (-2 on seed 0, +2 on seed 1); on the mean against the best mean (50)
+    assert h["per_seed"] == pytest.approx([-2.0, 2.0]) and h["mean"] == pytest.approx(5.0)
+    assert not h["met_every_seed"] and "feddgm_minus_fedavg" not in rows[0.1]
+
+
+def test_collect_later_folder_wins_and_main_writes_json(tmp_path, capsys):
+    for folder, final in (("a", 0.1), ("b", 0.2)):
+        d = tmp_path / folder / "d-a0.01-s0-fedavg"
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps(_run("fedavg", 0, final)))
+    assert [r["final"] for r in report.collect([tmp_path / "a", tmp_path / "b"])] == [0.2]
+    out = tmp_path / "m.json"
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["final"] == 0.2
+    assert report.main([str(tmp_path / "empty")]) == 2
