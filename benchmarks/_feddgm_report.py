@@ -17,10 +17,11 @@ import numpy as np
 
 
 def _ms(values) -> str:
+    """Percent, mean ± the sample standard deviation over seeds (ddof 1: two seeds are a sample, not the spread)."""
     v = [100 * x for x in values if x is not None]
     if not v:
         return "-"
-    return f"{np.mean(v):.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def group(runs: list[dict]) -> dict:
@@ -180,12 +181,42 @@ def print_targets(rows: list[dict]) -> None:
                   f"pool - real subset {p['vs_real']:+.2f}")
 
 
+def markdown(runs: list[dict]) -> str:
+    """One Markdown table per dataset: a row per method, a column per alpha, cells "final ± std (seeds)"; then the
+    premise check of the methods that have one (pool, initial latents, real subset, latent move)."""
+    lines = []
+    for ds in dict.fromkeys(r["dataset"] for r in runs):
+        rs = [r for r in runs if r["dataset"] == ds]
+        alphas = sorted({r["alpha"] for r in rs})
+        g = group(rs)
+        lines += [f"\n**{ds}**, final accuracy (%), mean ± std over seeds (n seeds)\n",
+                  "| method | " + " | ".join(f"α {a}" for a in alphas) + " |", "|---|" + "---:|" * len(alphas)]
+        for m in dict.fromkeys(r["method"] for r in rs):
+            cells = [g[(ds, a)].get(m, []) for a in alphas]
+            lines.append(f"| {m} | " + " | ".join(f"{_ms([r['final'] for r in c])} ({len(c)})" if c else "–"
+                                                 for c in cells) + " |")
+        prem = [r for r in rs if r.get("premise")]
+        if prem:
+            lines += [f"\n**{ds}**, premise: fresh ConvNet on (a) the pool, (b) the initial latents' samples, (c) a "
+                      "random real subset of the same size (%), and ‖Δf‖/‖f‖ per seed\n",
+                      "| α | method | (a) pool | (b) initial | (c) real | ‖Δf‖/‖f‖ |", "|---:|---|---:|---:|---:|---:|"]
+            for (_, a), per in sorted(group(prem).items(), key=lambda kv: kv[0][1]):
+                for m, rr in per.items():
+                    p = [r["premise"] for r in rr]
+                    moves = " / ".join(f"{x['f_move']:.2f}" for x in p if x.get("f_move") is not None) or "–"
+                    lines.append(f"| {a} | {m} | {_ms([x['distilled']['mean'] for x in p])} | "
+                                 f"{_ms([x['initial']['mean'] for x in p])} | "
+                                 f"{_ms([x['real']['mean'] for x in p if x.get('real')])} | {moves} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Merge benchmarks/feddgm.py grid parts; print tables and targets.")
     p.add_argument("folders", nargs="+", help="--out folders of benchmarks/feddgm.py (later ones win per cell)")
     p.add_argument("--json", help="write the merged runs and targets here (no machine paths)")
     p.add_argument("--png", help="write the accuracy curves here")
     p.add_argument("--hybrid", default="feddgm+avg", help="the method name the hybrid target checks [%(default)s]")
+    p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     a = p.parse_args(argv)
     runs = sorted(collect(a.folders), key=lambda r: (r["dataset"], r["alpha"], r["seed"]))
     if not runs:
@@ -194,6 +225,8 @@ def main(argv=None) -> int:
     print_tables({"runs": runs})
     rows = targets(runs, a.hybrid)
     print_targets(rows)
+    if a.markdown:
+        print(markdown(runs))
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "targets": rows}, indent=1))
     if a.png:

@@ -264,19 +264,27 @@ def method_settings(method: str, a, common: dict, alpha: float, seed: int, gen, 
     return cfg, opts
 
 
+_REAL_CROSS: dict = {}  # (data, arch, images per class, seed, epochs) -> the real subset's accuracy, shared by a cell
+
+
 def cross_arch(path: Path, data, a, seed: int) -> dict:
-    """Fresh ``--eval-archs`` networks on the distilled set vs on a random real subset of equal size."""
+    """Fresh ``--eval-archs`` networks on the distilled set vs on a random real subset of equal size (computed once
+    per cell and architecture: every method of a cell has the same subset)."""
     from fedlatent.distill.pixels import evaluate_synthetic
     from fedlatent.evaluate import evaluate_distilled, real_subset
     from fedlatent.export import load_distilled
 
     cross = evaluate_distilled(path, a.eval_archs, data=data, epochs=a.eval_epochs, seeds=(seed,), progress=False)
     ds, _ = load_distilled(path)
-    xr, yr = real_subset(data, max(1, len(ds) // data.num_classes), seed)
+    ipc = max(1, len(ds) // data.num_classes)
+    xr, yr = real_subset(data, ipc, seed)
     out = {}
     for arch in a.eval_archs:
-        real = evaluate_synthetic(xr, yr, arch, data, epochs=a.eval_epochs, seeds=(seed,), progress=False)
-        out[arch] = {"distilled": cross[arch]["mean"], "real": real["mean"], "images": len(ds)}
+        key = (id(data), arch, ipc, seed, a.eval_epochs)
+        if key not in _REAL_CROSS:
+            _REAL_CROSS[key] = evaluate_synthetic(xr, yr, arch, data, epochs=a.eval_epochs, seeds=(seed,),
+                                                  progress=False)["mean"]
+        out[arch] = {"distilled": cross[arch]["mean"], "real": _REAL_CROSS[key], "images": len(ds)}
     return out
 
 

@@ -48,3 +48,8 @@ def test_collect_later_folder_wins_and_main_writes_json(tmp_path, capsys):
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["runs"][0]["final"] == 0.2
     assert report.main([str(tmp_path / "empty")]) == 2
+
+
+def test_markdown_uses_the_sample_std_over_seeds():
+    md = report.markdown([_run("fedavg", 0, 0.20), _run("fedavg", 1, 0.30), _run("fedavg", 0, 0.5, 0.1)])
+    assert "| fedavg | 25.00 ± 7.07 (2) | 50.00 (1) |" in md  # ddof 1: |0.2 - 0.3| / sqrt(2)
