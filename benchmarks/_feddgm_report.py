@@ -79,6 +79,14 @@ def print_tables(results: dict) -> None:
               f"(batch {s['batched']['batch']}), speedup x{s['speedup']:.2f}, max |diff| {s['max_abs_diff']:.2e}")
 
 
+def plt_colors(n: int) -> list:
+    """``n`` distinct colours: tab10, then tab20 beyond ten methods."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_cells(runs: list[dict], path: Path) -> None:
     """Accuracy vs round of every method (mean over seeds, band = min..max), one panel per (dataset, alpha)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -87,6 +95,9 @@ def plot_cells(runs: list[dict], path: Path) -> None:
     g = group([r for r in runs if r.get("curve")])
     if not g:
         return
+    methods = list(dict.fromkeys(m for per in g.values() for m in per))
+    cmap = plt_colors(len(methods))
+    colour = {m: cmap[i] for i, m in enumerate(methods)}  # one colour per method in every panel
     cols = min(2, len(g))
     rows = (len(g) + cols - 1) // cols
     fig = Figure(figsize=(5.6 * cols, 3.8 * rows), dpi=100)
@@ -99,7 +110,7 @@ def plot_cells(runs: list[dict], path: Path) -> None:
                 continue
             xs = [x for x, _ in rs[0]["curve"][:n]]
             ys = np.array([[100 * a for _, a in r["curve"][:n]] for r in rs])
-            line, = ax.plot(xs, ys.mean(0), marker="o", markersize=3,
+            line, = ax.plot(xs, ys.mean(0), marker="o", markersize=3, color=colour[m],
                             label=f"{m} ({ys[:, -1].mean():.1f})")
             if len(rs) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
