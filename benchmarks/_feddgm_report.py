@@ -140,11 +140,9 @@ def targets(runs: list[dict], hybrid: str = "feddgm+avg") -> list[dict]:
     FedDGM - FedAvg (the target, >= 10 points, at alpha 0.01 only), ``hybrid`` - max(FedAvg, FedAvg-m, DynaFed)
     (>= 0 at 0.1 and 0.5; the baselines present in the cell), and the premise margins (a) - (b) and (a) - (c) of
     FedDGM's pool."""
-    by = defaultdict(dict)
-    for r in runs:
-        by[(r["dataset"], r["alpha"])].setdefault(r["method"], {})[r["seed"]] = r
     out = []
-    for (ds, alpha), per in by.items():
+    for (ds, alpha), cell in group(runs).items():
+        per = {m: {r["seed"]: r for r in rs} for m, rs in cell.items()}
         row = {"dataset": ds, "alpha": alpha}
         if "feddgm" in per and "fedavg" in per:
             seeds = sorted(set(per["feddgm"]) & set(per["fedavg"]))
