@@ -91,12 +91,49 @@ def test_batched_distillation_identical_to_loop_through_the_strategy(digits16):
     assert not torch.allclose(torch.cat([p.flatten() for p in fresh[0].synthetic.parameters()]), p0[0])
 
 
+def test_concurrent_clients_are_bitwise_the_one_thread_loop(digits16):
+    """batched="threads": the clients in worker threads of one intra-op thread each give bitwise the latents,
+    losses and lrs of the loop run on one thread, in any order; the caller's thread count is restored."""
+    from fedlatent.distill.batched import concurrent_workers
+    from fedlatent.fl.feddgm import FedDGM, distill_clients
+
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for batched, n in ((False, 1), ("threads", 3)):
+            torch.set_num_threads(n)
+            s = FedDGM(generator="digits", space="F2", ipc=1, iterations=2, syn_steps=3, surrogate="convnet:width=8",
+                       train_epochs=0, progress=False, save_artifacts=False, batched=batched)
+            s.setup(_ctx(digits16, clients=4))
+            ds = s.make_distillers(1, _uploads(s, 4))
+            runs, workers = distill_clients(ds, [0, 1, 2, 3], 2, batched=batched, progress=False)
+            assert workers == (1 if batched is False else 3) and torch.get_num_threads() == n
+            outs.append(([torch.cat([p.detach().flatten() for p in d.synthetic.parameters()]) for d in ds],
+                         [r.losses for r in runs], [d.lr for d in ds]))
+    finally:
+        torch.set_num_threads(threads)
+    (p0, l0, lr0), (p1, l1, lr1) = outs
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert l0 == l1 and lr0 == lr1 and all(len(x) == 2 for x in l0)
+    assert not torch.equal(p0[0], p0[1])  # the clients' sets differ: a worker did not repeat one client
+    assert concurrent_workers(10, "cpu") == min(10, threads) and concurrent_workers(10, "meta") == 1
+
+
+def test_distill_clients_rejects_an_unknown_mode():
+    from fedlatent.errors import FedLatentError
+    from fedlatent.fl.feddgm import distill_clients
+
+    with pytest.raises(FedLatentError, match="batched must be"):
+        distill_clients([], [], 1, batched="sometimes")
+
+
 def test_a_diverging_client_stops_alone_in_both_modes(digits16):
-    """A client whose update turns non-finite keeps its last good set and stops; the others go on (loop == batch)."""
+    """A client whose update turns non-finite keeps its last good set and stops; the others go on (loop == batch
+    == threads)."""
     from fedlatent.fl.feddgm import FedDGM, distill_clients
 
     outs = []
-    for batched in (False, True):
+    for batched in (False, True, "threads"):
         s = FedDGM(generator="digits", space="F2", ipc=1, syn_steps=2, surrogate="convnet:width=8", progress=False,
                    save_artifacts=False)
         s.setup(_ctx(digits16, clients=3))
@@ -109,7 +146,7 @@ def test_a_diverging_client_stops_alone_in_both_modes(digits16):
         assert all(torch.equal(a, b) for a, b in zip(before, ds[1].synthetic.parameters()))  # restored
         assert runs[0].failure is None and runs[2].failure is None and len(runs[0].losses) == len(runs[2].losses) == 2
         outs.append(torch.cat([p.detach().flatten() for p in ds[2].synthetic.parameters()]))
-    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    assert all(torch.allclose(outs[0], o, rtol=1e-4, atol=1e-5) for o in outs[1:])
 
 
 def test_sets_rendering_to_nan_are_dropped_from_the_pool(digits16):

@@ -17,7 +17,11 @@ grouped batch measured no faster than the loop (``benchmarks/batched_speed.py``,
 time goes into memory-bound elementwise passes, which batching does not reduce, and oneDNN's grouped
 convolutions are no faster than K separate ones).
 
-:func:`distill_clients` runs a list of :class:`~fedlatent.distill.distiller.Distiller` s either way.
+**Concurrent** (``distill_clients(..., batched="threads")``): the loop, several clients at a time in worker
+threads of one intra-op thread each; bitwise the one-thread loop whatever the number of cores (opt-in: on the
+2-core CPU it measured no faster than the loop either, ``benchmarks/clients_speed.py``).
+
+:func:`distill_clients` runs a list of :class:`~fedlatent.distill.distiller.Distiller` s in any of these ways.
 """
 from __future__ import annotations
 
@@ -262,28 +266,93 @@ class ClientRun:
 
 
 
-def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], iterations: int, *,
-                    batched: bool, max_batch: int | None = None, device: str | torch.device = "cpu",
-                    progress: bool = True, desc: str = "distil") -> tuple[list[ClientRun], int]:
-    """Run ``iterations`` MTT iterations for every distiller, looped or batched; returns (runs, batch size).
+def concurrent_workers(num_clients: int, device: str | torch.device = "cpu") -> int:
+    """Clients distilled at once by ``batched="threads"``: one per intra-op thread torch has
+    (``torch.get_num_threads()``), at most ``num_clients``; 1 off the CPU (a GPU stream is already parallel)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(int(num_clients), torch.get_num_threads()))
 
-    Looped: client after client, ``Distiller.step``. Batched: groups of ``batch`` clients
-    (:func:`choose_batch` from :func:`client_bytes` and :func:`available_bytes`, at most ``max_batch``), one
-    :func:`batched_step` per iteration. A client whose set diverges (a non-finite update is undone by the engine;
-    latents that render to NaN/inf images are caught at the next iteration) stops and the others go on, in both
-    modes; the caller drops sets whose images are not finite.
+
+def _run_one(d: Distiller, r: ClientRun, iterations: int, progress: bool, desc: str,
+             callback: Callable | None = None) -> None:
+    done = len(d.history)
+    d.run(iterations, progress, callback, desc=f"{desc} client {r.client_id}",
+          postfix=lambda st: {"loss": f"{st.loss:.4f}"}, stop_on_divergence=True)
+    r.losses.extend(float(h.loss) for h in d.history[done:])
+    r.failure = d.failure
+    r.lr = d.lr
+
+
+def _run_concurrently(distillers: Sequence[Distiller], runs: list[ClientRun], iterations: int, workers: int,
+                      progress: bool, desc: str) -> None:
+    """The looped computation, ``workers`` clients at a time in threads that share the intra-op threads
+    (``torch.get_num_threads() // workers`` each; the operators release the GIL). Each client is the same
+    sequence of operations as in the loop, on its own seeded plans, so the sets do not depend on the order or
+    the number of workers; with one intra-op thread per worker they are bitwise those of a one-thread loop.
+
+    Why threads and not a grouped network on a CPU: an MTT iteration of the small surrogate is memory-bound
+    elementwise work that neither a grouped network nor vmap reduces; clients side by side are the other way to
+    use the cores. On the 2-core machine of ``benchmarks/RESULTS.md`` ("Server throughput") they measured 0.94-0.98x
+    the loop's time (the two cores share the memory bandwidth either way), so FedDGM's 'auto' keeps the loop there.
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    per = max(1, threads // workers)
+    lock, ready = threading.Lock(), threading.Barrier(workers)
+    bar = tqdm(total=len(distillers) * iterations, desc=f"{desc} ({workers} clients at a time)",
+               disable=not progress, leave=False, dynamic_ncols=True)
+
+    def start() -> None:  # every worker sets its own thread count (per thread in OpenMP) before any starts work
+        torch.set_num_threads(per)
+        ready.wait()
+
+    def tick(log: IterationLog) -> None:
+        with lock:
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.loss:.4f}")
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="fedlatent-distil", initializer=start) as ex:
+            jobs = [ex.submit(_run_one, d, r, iterations, False, desc, tick) for d, r in zip(distillers, runs)]
+            for f in jobs:
+                f.result()  # re-raises a worker's error here
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)  # torch also keeps the last setting globally: restore the caller's
+
+
+def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], iterations: int, *,
+                    batched: bool | str, max_batch: int | None = None, device: str | torch.device = "cpu",
+                    progress: bool = True, desc: str = "distil") -> tuple[list[ClientRun], int]:
+    """Run ``iterations`` MTT iterations for every distiller; returns (runs, clients computed at once).
+
+    ``batched``: False -- looped, client after client (``Distiller.run``). ``"threads"`` -- the same loop,
+    :func:`concurrent_workers` clients at a time in threads (:func:`_run_concurrently`; the CPU's batched
+    mode). True or ``"grouped"`` -- groups of ``batch`` clients (:func:`choose_batch` from :func:`client_bytes`
+    and :func:`available_bytes`, at most ``max_batch``) as one computation, one :func:`batched_step` per
+    iteration. A client whose set diverges (a non-finite update is undone by the engine; latents that render to
+    NaN/inf images are caught at the next iteration) stops and the others go on, in every mode; the caller drops
+    sets whose images are not finite.
+    """
+    if batched not in (True, False, "grouped", "threads"):
+        raise FedLatentError(f"batched must be True, False, 'grouped' or 'threads', got {batched!r}")
     runs = [ClientRun(int(c)) for c in client_ids]
     if not distillers:
         return runs, 0
+    if batched == "threads":
+        workers = concurrent_workers(len(distillers), device)
+        if max_batch:
+            workers = min(workers, max_batch)
+        if workers > 1:
+            _run_concurrently(distillers, runs, iterations, workers, progress, desc)
+            return runs, workers
+        batched = False
     if not batched:
         for d, r in zip(distillers, runs):
-            done = len(d.history)
-            d.run(iterations, progress, desc=f"{desc} client {r.client_id}",
-                  postfix=lambda st: {"loss": f"{st.loss:.4f}"}, stop_on_divergence=True)
-            r.losses.extend(float(h.loss) for h in d.history[done:])
-            r.failure = d.failure
-            r.lr = d.lr
+            _run_one(d, r, iterations, progress, desc)
         return runs, 1
     d0 = distillers[0]
     img = d0.synthetic.render()
@@ -314,4 +383,4 @@ def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], 
 
 
 __all__ = ["batched_meta_gradient", "batched_step", "apply_meta_gradient", "client_bytes", "available_bytes",
-           "choose_batch", "ClientRun", "distill_clients"]
+           "choose_batch", "ClientRun", "concurrent_workers", "distill_clients"]

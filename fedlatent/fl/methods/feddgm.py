@@ -136,8 +136,12 @@ class FedDGMConfig:
     pool: str = "round"
     """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
     batched: bool | str = "auto"
-    """Distil the clients as one batched computation (True), one after the other (False), or 'auto' (batched on
-    CUDA only; on CPU the grouped batch measured no faster than the loop, see benchmarks/RESULTS.md)."""
+    """How the server distils the clients: one after the other (False); as one grouped computation (True or
+    'grouped', :func:`fedlatent.distill.batched.batched_meta_gradient`); several at a time in threads, one
+    intra-op thread each ('threads': bitwise the one-thread loop, whatever the core count); or 'auto': grouped on
+    CUDA, the loop on a CPU (there neither the grouped batch nor the threads measured faster than the loop:
+    benchmarks/RESULTS.md, "Server throughput"). Soft labels and the unrolled meta-gradient are off the grouped
+    path (the loop instead)."""
     max_batch: int | None = None
     """At most this many clients per batch (None: as many as memory allows)."""
     classes: str = "all"
@@ -171,7 +175,7 @@ class FedDGMConfig:
         for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
-                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto")),
+                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto", "grouped", "threads")),
                               ("classes", ("all", "inferred"))):
             if getattr(self, name) not in allowed:
                 raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
@@ -328,11 +332,15 @@ class FedDGM(Strategy):
                                  image_optimizer=opt))
         return out
 
-    def _use_batched(self) -> bool:
-        """Batched where it can run (exact meta-gradient, hard labels); with 'auto' on CUDA only."""
-        if self.mtt_mode != "exact" or self.soft_labels:
+    def _use_batched(self) -> bool | str:
+        """The ``distill_clients`` mode of :attr:`batched`: 'auto' is the grouped batch on CUDA and the loop on a
+        CPU; the grouped batch only where it can run (exact meta-gradient, hard labels), else the loop."""
+        mode = self.batched
+        if mode == "auto":
+            mode = torch.device(self.ctx.device).type == "cuda"
+        if mode in (True, "grouped") and (self.mtt_mode != "exact" or self.soft_labels):
             return False
-        return torch.device(self.ctx.device).type == "cuda" if self.batched == "auto" else bool(self.batched)
+        return mode
 
     def aggregate(self, rnd: int, uploads: list[Upload]) -> dict[str, float]:
         _, moved, extra = self._screen(rnd, uploads)
@@ -390,7 +398,7 @@ class FedDGM(Strategy):
         ids = [u.client_id for u in good]
         t0 = time.perf_counter()
         use_batch = self._use_batched()
-        if self.distill_map is not None and not use_batch:
+        if self.distill_map is not None and use_batch in (False, "threads"):  # a parallel backend runs the loop
             sets = map_distillation(self.distill_map, self.distill_client, rnd, ids, good)
             return sets, 1, time.perf_counter() - t0
         distillers = self.make_distillers(rnd, good)
