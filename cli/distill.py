@@ -37,7 +37,8 @@ from fedlatent.utils import FedLatentError
 @click.option("--train-epochs", type=click.IntRange(0), default=None,
               help="Server epochs on the pooled distilled sets per round.")
 @click.option("--batched/--looped", "batched", default=None,
-              help="Distil the clients as one batched computation (vmap over clients) or one after the other. "
+              help="Distil the clients as one batched computation (the students as one grouped network) or one "
+                   "after the other; -O 'batched=\"threads\"' runs several at a time in threads. "
                    "[default: batched on CUDA, looped on CPU]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder. [default: runs/feddgm-DATASET-TIMESTAMP]")
