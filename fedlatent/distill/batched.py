@@ -294,7 +294,8 @@ def _run_concurrently(distillers: Sequence[Distiller], runs: list[ClientRun], it
     Why threads and not a grouped network on a CPU: an MTT iteration of the small surrogate is memory-bound
     elementwise work that neither a grouped network nor vmap reduces; clients side by side are the other way to
     use the cores. On the 2-core machine of ``benchmarks/RESULTS.md`` ("Server throughput") they measured 0.94-0.98x
-    the loop's time (the two cores share the memory bandwidth either way), so FedDGM's 'auto' keeps the loop there.
+    the loop's time (threads and intra-op threads each gave about 1.5x over one thread), so FedDGM's 'auto' keeps
+    the loop there.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
