@@ -50,6 +50,21 @@ def subsample(data: ImageData, n_train: int | None, n_test: int | None, seed: in
     )
 
 
+def server_on_uploads(strategy, data: ImageData, config, scale: float = 0.01):
+    """``strategy`` set up as the server of ``config.clients`` clients on ``data``'s shapes, and one seeded
+    synthetic upload per client: start = the surrogate it sends in round 1, end = start + ``scale`` * N(0, 1)
+    (client c's noise from seed c). For timing the server without running the clients."""
+    from fedlatent.fl.base import FLContext, Upload
+
+    ctx = FLContext(config=config, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
+                    class_names=list(data.classes), client_sizes=[1] * config.clients, device=config.device,
+                    mean=tuple(data.mean), std=tuple(data.std))
+    strategy.setup(ctx)
+    start = strategy.client_payload(1, 0)["params"]
+    noise = [torch.randn(start.shape, generator=torch.Generator().manual_seed(c)) for c in range(config.clients)]
+    return [Upload(c, {"start": start, "end": start + scale * n.to(start)}, 1) for c, n in enumerate(noise)]
+
+
 def machine_info() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _common import default_data_root  # noqa: E402
+from _common import default_data_root, server_on_uploads  # noqa: E402
 
 MODES = {"loop": False, "loop-1": False, "threads": "threads", "grouped": True}
 
@@ -42,7 +42,6 @@ def build(a):
     """The preset's FedDGM server on the CIFAR-10 shapes, and ``a.clients`` seeded uploads around its surrogate."""
     from fedlatent.apps.distill import PRESETS
     from fedlatent.data import load_dataset
-    from fedlatent.fl.base import FLConfig, FLContext, Upload
     from fedlatent.fl.methods.feddgm import FedDGM
     from fedlatent.generators.resolve import default_generator
 
@@ -51,15 +50,8 @@ def build(a):
     opts = dataclasses.asdict(preset.method) | {"generator": default_generator(data.name), "progress": False,
                                                  "save_artifacts": False, "mtt_engine": a.engine}
     cfg = dataclasses.replace(preset.config, clients=a.clients, seed=0, device="cpu").check()
-    ctx = FLContext(config=cfg, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
-                    class_names=list(data.classes), client_sizes=[1] * a.clients, device="cpu",
-                    mean=tuple(data.mean), std=tuple(data.std))
     s = FedDGM(**opts)
-    s.setup(ctx)
-    start = s.client_payload(1, 0)["params"]
-    ups = [Upload(c, {"start": start, "end": start + 0.01 * torch.randn(start.shape, generator=torch.Generator()
-                                                                    .manual_seed(c)).to(start)}, 1)
-           for c in range(a.clients)]
+    ups = server_on_uploads(s, data, cfg)
     return s, ups, opts
 
 

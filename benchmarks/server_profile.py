@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import server_on_uploads  # noqa: E402
+
 
 class Timer:
     def __init__(self):
@@ -48,23 +50,16 @@ class Timer:
 
 def build(a):
     from fedlatent.data import load_dataset
-    from fedlatent.fl.base import FLConfig, FLContext, Upload
+    from fedlatent.fl.base import FLConfig
     from fedlatent.fl.methods.feddgm import FedDGM
     from fedlatent.generators.resolve import default_generator
 
     data = load_dataset("cifar10", root=a.data_root)
     gen = default_generator(data.name)
     cfg = FLConfig(clients=a.clients, model=a.model, seed=0, device="cpu").check()
-    ctx = FLContext(config=cfg, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size,
-                    class_names=list(data.classes), client_sizes=[1] * a.clients, device="cpu",
-                    mean=tuple(data.mean), std=tuple(data.std))
     s = FedDGM(generator=gen, surrogate=a.model, progress=False, save_artifacts=False, ipc=a.ipc,
                syn_steps=a.syn_steps, lr_img=100.0, dsa_strategy="color_crop_cutout_scale_rotate")
-    s.setup(ctx)
-    start = s.client_payload(1, 0)["params"]
-    ups = [Upload(c, {"start": start, "end": start + 0.01 * torch.randn(start.shape, generator=torch.Generator()
-                                                                    .manual_seed(c)).to(start)}, 1)
-           for c in range(a.clients)]
+    ups = server_on_uploads(s, data, cfg)
     return s, ups, gen
 
 
