@@ -21,7 +21,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import FedLatentError
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The base lr's multiplier in epoch ``epoch`` (0-based) of ``epochs``.
+
+    * ``constant``: 1 (FedDG-main's server training, ``SGD(lr=args.lr_net)`` for every epoch);
+    * ``step``: 1, then 0.1 from epoch ``epochs // 2 + 1`` on (the one 10x decay of MTT's evaluation of a
+      distilled set, ``lr_schedule = [Epoch // 2 + 1]`` in mtt-distillation's utils.py);
+    * ``cosine``: ``(1 + cos(pi * epoch / epochs)) / 2`` (Loshchilov & Hutter, ICLR 2017, without restarts),
+      from 1 at epoch 0 towards 0 at ``epochs``.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 0.1 if epoch >= epochs // 2 + 1 else 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    raise FedLatentError(f"lr schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {schedule!r}")
+
+
+def schedule_lr(opt: torch.optim.Optimizer, schedule: str, epochs: int) -> Callable[[int], None] | None:
+    """An ``on_epoch`` hook for :func:`fit` that sets every parameter group's lr to its lr at the time of this
+    call times :func:`lr_factor` before each epoch; None for ``constant`` (the optimiser is left alone)."""
+    lr_factor(schedule, 0, epochs)  # validates the name
+    if schedule == "constant":
+        return None
+    base = [g["lr"] for g in opt.param_groups]
+
+    def hook(epoch: int) -> None:
+        f = lr_factor(schedule, epoch, epochs)
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * f
+
+    return hook
 
 
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,4 +157,4 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
-__all__ = ["fit", "fit_on_set", "evaluate"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "schedule_lr", "fit", "fit_on_set", "evaluate"]

@@ -132,6 +132,59 @@ def test_fine_tuning_starts_at_the_aggregate_and_trains_on_the_pool(digits16):
     assert m["finetune_shift"] > 0 and m["pool_size"] == 30.0 and m["distill_failed"] == 0.0
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_the_server_lr_schedule_sets_each_epochs_lr(digits16, schedule):
+    """train_schedule: every epoch of the fine-tuning runs at train_lr times the schedule's factor, written out
+    here (cosine: (1 + cos(pi e / E)) / 2; step: 0.1 from E // 2 + 1), bit for bit; it differs from 'constant'."""
+    from fedlatent.distill.augment import DSA
+    from fedlatent.fl.methods.feddgm_avg import FedDGMAvg
+    from fedlatent.models.functional import FlatModel
+    from fedlatent.train import fit_on_set
+    from fedlatent.utils import torch_generator
+
+    E = 5
+    factor = {"cosine": lambda e: 0.5 * (1 + math.cos(math.pi * e / E)),
+              "step": lambda e: 0.1 if e >= E // 2 + 1 else 1.0}[schedule]
+    got = {}
+    for sched in ("constant", schedule):  # the scheduled strategy last: its uploads and pool are checked below
+        ctx = _ctx(digits16)
+        s = FedDGMAvg(**OPTS, train_epochs=E, train_batch=8, train_lr=0.05, train_schedule=sched)
+        s.setup(ctx)
+        ups = _round_one(s, ctx, digits16)
+        s.aggregate(1, ups)
+        got[sched] = s.flat.flatten()
+    expect, _ = _weighted_mean(ups)
+    ref = ctx.build_model()
+    FlatModel(ref).load(expect.float())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=s.train_momentum, weight_decay=s.train_weight_decay)
+    seen = []
+
+    def by_hand(ep):
+        opt.param_groups[0]["lr"] = 0.05 * factor(ep)
+        seen.append(opt.param_groups[0]["lr"])
+
+    fit_on_set(ref, s.pool.images, s.pool.labels, opt, epochs=E, batch_size=8,
+               augment=DSA(s.dsa_strategy, siamese=False), on_epoch=by_hand,
+               generator=torch_generator(ctx.config.seed, "feddgm", "train", 1, "global"))
+    assert torch.equal(got[schedule], FlatModel(ref).flatten())
+    assert not torch.equal(got[schedule], got["constant"])
+    assert seen[0] == 0.05 and seen[-1] < 0.05
+
+
+def test_lr_factor_values_and_a_bad_schedule():
+    from fedlatent.fl.methods.feddgm import FedDGM
+    from fedlatent.train import lr_factor
+
+    assert [lr_factor("constant", e, 4) for e in range(4)] == [1.0] * 4
+    assert [lr_factor("step", e, 10) for e in range(10)] == [1.0] * 6 + [0.1] * 4
+    assert lr_factor("cosine", 0, 8) == 1.0 and lr_factor("cosine", 4, 8) == pytest.approx(0.5, abs=1e-15)
+    assert lr_factor("cosine", 8, 8) == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(FedLatentError, match="train_schedule must be one of"):
+        FedDGM(train_schedule="linear")
+    with pytest.raises(FedLatentError, match="lr schedule must be one of"):
+        lr_factor("linear", 0, 4)
+
+
 def test_forged_starts_are_left_out_of_the_average(digits16):
     """An upload whose start is not the sent model is neither averaged nor distilled."""
     from fedlatent.fl.methods.feddgm_avg import FedDGMAvg

@@ -20,7 +20,7 @@ import torch
 from ..data import ImageData
 from ..models import get_model
 from ..synthetic import PixelSet
-from ..train import evaluate, fit_on_set  # noqa: F401 - fit_on_set re-exported (old path)
+from ..train import evaluate, fit_on_set, schedule_lr  # noqa: F401 - fit_on_set re-exported (old path)
 from ..utils import FedLatentError, derive_seed, numpy_rng, torch_generator
 from .augment import DSA
 from .distiller import DistillConfig, Distiller, TrajectorySampler
@@ -56,16 +56,9 @@ def train_on(images: torch.Tensor, labels: torch.Tensor, arch: str, data: ImageD
         torch.manual_seed(derive_seed(seed, "eval-init"))
         net = get_model(arch, data.channels, data.num_classes, data.image_size)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    decay_at = epochs // 2 + 1
-
-    def decay(ep: int) -> None:
-        if ep == decay_at:
-            for gr in opt.param_groups:
-                gr["lr"] *= 0.1
-
     fit_on_set(net, images, labels, opt, epochs=epochs, batch_size=batch_size,
                augment=DSA(siamese=False) if dsa else None, generator=torch_generator(seed, "eval-order"),
-               on_epoch=decay)
+               on_epoch=schedule_lr(opt, "step", epochs))
     return net
 
 

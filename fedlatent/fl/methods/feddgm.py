@@ -46,7 +46,7 @@ from ...distill.pool import DistilledSet, Pool, harvest, map_distillation, pool_
 from ...errors import FedLatentError
 from ...generators.resolve import default_generator, default_space, generator_identity, worker_generator
 from ...models.functional import FlatModel
-from ...train import fit_on_set
+from ...train import LR_SCHEDULES, fit_on_set, schedule_lr
 from ...utils import class_indices, derive_seed, torch_generator
 from ..base import ClientData, FLContext, Strategy, TensorDict, Upload, UploadSpec, register_method
 from ..client import _privacy, client_model, local_train
@@ -125,6 +125,10 @@ class FedDGMConfig:
     in fed_main.py)."""
     train_lr: float = 0.01
     """Server training SGD lr (reference: ``--lr_net`` 0.01, fed_main.py)."""
+    train_schedule: str = "constant"
+    """Server training lr over its ``train_epochs`` (:func:`fedlatent.train.lr_factor`): 'constant' (reference:
+    one ``SGD(lr=args.lr_net)``, fed_main.py), 'step' (10x decay after half the epochs, MTT's evaluation) or
+    'cosine' (beyond the reference)."""
     train_momentum: float = 0.0
     """Server training SGD momentum (reference: 0, fed_main.py builds ``SGD(net.parameters(), lr=args.lr_net)``)."""
     train_weight_decay: float = 0.0
@@ -175,8 +179,8 @@ class FedDGMConfig:
         for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
-                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("batched", (True, False, "auto", "grouped", "threads")),
-                              ("classes", ("all", "inferred"))):
+                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("train_schedule", LR_SCHEDULES),
+                              ("batched", (True, False, "auto", "grouped", "threads")), ("classes", ("all", "inferred"))):
             if getattr(self, name) not in allowed:
                 raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
                                      f"{getattr(self, name)!r}")
@@ -408,8 +412,9 @@ class FedDGM(Strategy):
         return [harvest(d, r, self._pixel) for d, r in zip(distillers, runs)], bsz, t_distill
 
     def _train_on_pool(self, rnd: int) -> dict[str, float]:
-        """Server training on the pool (reference ``epoch_global``): ``train_epochs`` of SGD (DSA) for the global
-        model, and for the surrogate if it is another model, each from its current weights; name -> mean loss."""
+        """Server training on the pool (reference ``epoch_global``): ``train_epochs`` of SGD (DSA; the lr over the
+        epochs by ``train_schedule``) for the global model, and for the surrogate if it is another model, each from
+        its current weights; name -> mean loss."""
         aug = DSA(self.dsa_strategy, siamese=False) if self.train_dsa and parse_strategy(self.dsa_strategy) else None
         targets = [("global", self.model)] + ([("surrogate", self.surrogate)] if self.surrogate is not self.model else [])
         train_loss = {}
@@ -418,7 +423,8 @@ class FedDGM(Strategy):
                                   weight_decay=self.train_weight_decay)
             train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
                                           batch_size=self.train_batch, augment=aug,
-                                          generator=torch_generator(self.ctx.config.seed, "feddgm", "train", rnd, name))
+                                          generator=torch_generator(self.ctx.config.seed, "feddgm", "train", rnd, name),
+                                          on_epoch=schedule_lr(opt, self.train_schedule, self.train_epochs))
         return train_loss
 
     def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:

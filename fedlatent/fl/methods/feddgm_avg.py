@@ -56,15 +56,15 @@ log = logging.getLogger("fedlatent.fl.feddgm_avg")
 class FedDGMAvgConfig(FedDGMConfig):
     """Options of :class:`FedDGMAvg`: FedDGM's, with the same meanings and reference defaults, except that the
     server training fields drive the fine-tuning of the FedAvg aggregate (module docstring, step 4):
-    ``train_epochs`` (its default here is DynaFed's), ``train_lr``, ``train_momentum``, ``train_weight_decay``,
-    ``train_batch`` and ``train_dsa``. ``surrogate`` must be FLConfig ``model``."""
+    ``train_epochs`` (its default here is DynaFed's), ``train_lr``, ``train_schedule``, ``train_momentum``,
+    ``train_weight_decay``, ``train_batch`` and ``train_dsa``. ``surrogate`` must be FLConfig ``model``."""
 
     owner: ClassVar[str] = "feddgm+avg"
 
     train_epochs: int = 8
     """Fine-tuning epochs of the FedAvg aggregate on the pool per round, with FedDGM's server optimiser
-    (``train_lr``, ``train_momentum``, ``train_weight_decay``, ``train_batch``, ``train_dsa``) [DynaFed
-    ``finetune_epochs``: 8 on Fashion-MNIST, 20 on CIFAR-10; FedDGM trains 1000 epochs]; 0 = FedAvg exactly."""
+    (``train_lr``, ``train_schedule``, ``train_momentum``, ``train_weight_decay``, ``train_batch``, ``train_dsa``)
+    [DynaFed ``finetune_epochs``: 8 on Fashion-MNIST, 20 on CIFAR-10; FedDGM trains 1000 epochs]; 0 = FedAvg exactly."""
 
 
 @register_method("feddgm+avg")
