@@ -264,6 +264,23 @@ def method_settings(method: str, a, common: dict, alpha: float, seed: int, gen, 
     return cfg, opts
 
 
+def same_settings(recorded: dict | None, current: dict) -> bool:
+    """Whether a finished run's recorded settings are the command's. A FedDGM option the record lacks counts as
+    the same when the command gives it its default: an option added after the run, left at the value the run
+    had before the option existed, does not make ``--skip-existing`` rerun it."""
+    from fedlatent.fl.methods.feddgm import FedDGMConfig
+
+    if recorded is None:
+        return False
+    current = json.loads(json.dumps(current))
+    old, new = recorded.get("method_options"), current.get("method_options")
+    if isinstance(old, dict) and isinstance(new, dict):
+        defaults = {f.name: f.default for f in dataclasses.fields(FedDGMConfig)}
+        new = {k: v for k, v in new.items() if k in old or k not in defaults or v != defaults[k]}
+        current = {**current, "method_options": new}
+    return recorded == current
+
+
 _REAL_CROSS: dict = {}  # (data, arch, images per class, seed, epochs) -> the real subset's accuracy, shared by a cell
 
 
@@ -315,9 +332,9 @@ def main(argv=None) -> int:
                     run_dir = out / f"{name}-a{alpha}-s{seed}-{slug(method)}"
                     done = run_dir / "record.json"
                     rec = json.loads(done.read_text()) if a.skip_existing and done.is_file() else None
-                    if rec is not None and rec.get("settings") != json.loads(json.dumps(
-                            dict(zip(("config", "method_options"),
-                                     method_settings(method, a, common, alpha, seed, gen, space, name))))):
+                    if rec is not None and not same_settings(rec.get("settings"), dict(zip(
+                            ("config", "method_options"), method_settings(method, a, common, alpha, seed, gen, space,
+                                                                          name)))):
                         print(f"{run_dir.name}: finished with other settings; rerunning", flush=True)
                         rec = None
                     if rec is not None:

@@ -53,3 +53,22 @@ def test_collect_later_folder_wins_and_main_writes_json(tmp_path, capsys):
 def test_markdown_uses_the_sample_std_over_seeds():
     md = report.markdown([_run("fedavg", 0, 0.20), _run("fedavg", 1, 0.30), _run("fedavg", 0, 0.5, 0.1)])
     assert "| fedavg | 25.00 ± 7.07 (2) | 50.00 (1) |" in md  # ddof 1: |0.2 - 0.3| / sqrt(2)
+
+
+def test_skip_existing_keeps_a_run_from_before_an_option_existed():
+    """benchmarks/feddgm.py --skip-existing: an option missing from the record counts as equal only at its default;
+    any other difference (a changed value, a non-default new option, the FL config) is a rerun."""
+    spec = importlib.util.spec_from_file_location(
+        "_feddgm_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "feddgm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    old = {"config": {"seed": 0, "alpha": 0.01}, "method_options": {"lr_img": 30.0, "ipc": 2}}
+    now = {"config": {"seed": 0, "alpha": 0.01}, "method_options": {"lr_img": 30.0, "ipc": 2,
+                                                                    "train_schedule": "constant"}}
+    assert bench.same_settings(old, now)
+    assert not bench.same_settings(old, {**now, "method_options": {**now["method_options"], "train_schedule": "cosine"}})
+    assert not bench.same_settings(old, {**now, "method_options": {**now["method_options"], "lr_img": 10.0}})
+    assert not bench.same_settings(old, {**now, "config": {"seed": 1, "alpha": 0.01}})
+    assert not bench.same_settings(None, now)
+    assert bench.same_settings({"config": {"seed": 0}, "method_options": None}, {"config": {"seed": 0},
+                                                                                "method_options": None})
