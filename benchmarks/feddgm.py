@@ -281,6 +281,18 @@ def same_settings(recorded: dict | None, current: dict) -> bool:
     return recorded == current
 
 
+def generator_sha(method_options: dict | None) -> str | None:
+    """sha256 of the generator file a FedDGM-family run distils through (None: not FedDGM, pixel space, or a
+    random prior); ``--skip-existing`` reruns a run recorded with another file, since a manifest name such as
+    ``cifar10`` may point at a retrained checkpoint."""
+    from fedlatent.generators.resolve import generator_identity
+
+    g = (method_options or {}).get("generator")
+    if not g or str(g).startswith("random"):
+        return None
+    return generator_identity(str(g))[1]
+
+
 _REAL_CROSS: dict = {}  # (data, arch, images per class, seed, epochs) -> the real subset's accuracy, shared by a cell
 
 
@@ -332,10 +344,15 @@ def main(argv=None) -> int:
                     run_dir = out / f"{name}-a{alpha}-s{seed}-{slug(method)}"
                     done = run_dir / "record.json"
                     rec = json.loads(done.read_text()) if a.skip_existing and done.is_file() else None
-                    if rec is not None and not same_settings(rec.get("settings"), dict(zip(
-                            ("config", "method_options"), method_settings(method, a, common, alpha, seed, gen, space,
-                                                                          name)))):
+                    settings = method_settings(method, a, common, alpha, seed, gen, space, name)
+                    g_sha = generator_sha(settings[1])
+                    if rec is not None and not same_settings(rec.get("settings"),
+                                                             dict(zip(("config", "method_options"), settings))):
                         print(f"{run_dir.name}: finished with other settings; rerunning", flush=True)
+                        rec = None
+                    if rec is not None and g_sha is not None and rec.get("generator_sha256") != g_sha:
+                        print(f"{run_dir.name}: finished with another generator file (or one not recorded); rerunning",
+                              flush=True)
                         rec = None
                     if rec is not None:
                         print(f"{name} alpha={alpha} seed={seed} {method}: final {rec['final']:.4f} (existing run)",
@@ -344,7 +361,7 @@ def main(argv=None) -> int:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         rec = run_method(method, cdata, a, common, alpha, seed, gen, space, run_dir)
                         rec.update(dataset=name, alpha=alpha, seed=seed, generator=gen, train=int(len(cdata.y_train)),
-                                   public_split_excluded=excluded)
+                                   public_split_excluded=excluded, generator_sha256=g_sha)
                         write_json(done, rec)
                         prem = rec.get("premise")
                         extra = "" if not prem else (f"; premise distilled {prem['distilled']['mean']:.4f} vs initial "

@@ -72,3 +72,21 @@ def test_skip_existing_keeps_a_run_from_before_an_option_existed():
     assert not bench.same_settings(None, now)
     assert bench.same_settings({"config": {"seed": 0}, "method_options": None}, {"config": {"seed": 0},
                                                                                 "method_options": None})
+
+
+def test_skip_existing_knows_the_generator_file_behind_a_name(tmp_path):
+    """generator_sha: the manifest entry's sha256 for a name, the file's for a path, None without a generator file."""
+    import hashlib
+
+    from fedlatent.generators.registry import read_manifest
+
+    spec = importlib.util.spec_from_file_location(
+        "_feddgm_bench2", Path(__file__).resolve().parents[1] / "benchmarks" / "feddgm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.generator_sha({"generator": "digits"}) == read_manifest()["models"]["digits"]["sha256"]
+    f = tmp_path / "g.safetensors"
+    f.write_bytes(b"not a checkpoint, only bytes")
+    assert bench.generator_sha({"generator": str(f)}) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert bench.generator_sha(None) is None and bench.generator_sha({"generator": None}) is None
+    assert bench.generator_sha({"generator": "random:width=8"}) is None
