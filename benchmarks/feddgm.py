@@ -195,8 +195,9 @@ def speed(data, a, opts: dict) -> dict:
     return out
 
 
-def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen, space, run_dir: Path) -> dict:
-    """One run of ``method`` in a cell; returns its record (final, last3, curve, premise, cross_arch, wall_s)."""
+def run_method(method: str, data, a, settings: tuple[dict, dict | None], seed: int, run_dir: Path) -> dict:
+    """One run of ``method`` in a cell with its ``settings`` (:func:`method_settings`); returns its record (final,
+    last3, curve, premise, cross_arch, wall_s)."""
     from fedlatent.apps.premise import premise_check
     from fedlatent.fl.base import FLConfig
     from fedlatent.fl.centralised import centralised
@@ -205,7 +206,7 @@ def run_method(method: str, data, a, common: dict, alpha: float, seed: int, gen,
 
     spec, variant = a.variants.get(method, (method, {}))
     base = parse_method(spec)[0]
-    cfg, opts = method_settings(method, a, common, alpha, seed, gen, space, data.name)
+    cfg, opts = settings
     t0 = time.perf_counter()
     rec: dict = {"method": method, "spec": [spec, variant], "settings": {"config": cfg, "method_options": opts},
                  "premise": None, "cross_arch": None}
@@ -359,7 +360,7 @@ def main(argv=None) -> int:
                               flush=True)
                     else:
                         run_dir.mkdir(parents=True, exist_ok=True)
-                        rec = run_method(method, cdata, a, common, alpha, seed, gen, space, run_dir)
+                        rec = run_method(method, cdata, a, settings, seed, run_dir)
                         rec.update(dataset=name, alpha=alpha, seed=seed, generator=gen, train=int(len(cdata.y_train)),
                                    public_split_excluded=excluded, generator_sha256=g_sha)
                         write_json(done, rec)

@@ -102,15 +102,31 @@ def test_without_fine_tuning_a_run_is_a_fedavg_run(digits16):
     assert ha.keys() == fa.keys() and all(torch.equal(ha[k], fa[k]) for k in ha)
 
 
+def _fine_tune_by_hand(s, ctx, start, epochs, lr_at=None):
+    """The documented fine-tune written out: a fresh model at ``start``, SGD with the strategy's optimiser fields
+    (``lr_at(opt, epoch)`` before each epoch, if given), fit_on_set on the round-1 pool (batch 8, DSA) with the
+    round-1 "global" stream. Returns (model, mean loss)."""
+    from fedlatent.distill.augment import DSA
+    from fedlatent.models.functional import FlatModel
+    from fedlatent.train import fit_on_set
+    from fedlatent.utils import torch_generator
+
+    ref = ctx.build_model()
+    FlatModel(ref).load(start.float())
+    opt = torch.optim.SGD(ref.parameters(), lr=s.train_lr, momentum=s.train_momentum, weight_decay=s.train_weight_decay)
+    loss = fit_on_set(ref, s.pool.images, s.pool.labels, opt, epochs=epochs, batch_size=8,
+                      augment=DSA(s.dsa_strategy, siamese=False),
+                      on_epoch=None if lr_at is None else (lambda ep: lr_at(opt, ep)),
+                      generator=torch_generator(ctx.config.seed, "feddgm", "train", 1, "global"))
+    return ref, loss
+
+
 # -- the fine-tuning -------------------------------------------------------------------------------------------
 def test_fine_tuning_starts_at_the_aggregate_and_trains_on_the_pool(digits16):
     """train_epochs 3: the global model is fit_on_set run from the independently computed weighted mean on the
     round's pool with the documented optimiser and stream, bit for bit; it differs from the aggregate."""
-    from fedlatent.distill.augment import DSA
     from fedlatent.fl.methods.feddgm_avg import FedDGMAvg
     from fedlatent.models.functional import FlatModel
-    from fedlatent.train import fit_on_set
-    from fedlatent.utils import torch_generator
 
     ctx = _ctx(digits16)
     s = FedDGMAvg(**OPTS, train_epochs=3, train_batch=8)
@@ -118,12 +134,7 @@ def test_fine_tuning_starts_at_the_aggregate_and_trains_on_the_pool(digits16):
     ups = _round_one(s, ctx, digits16)
     m = s.aggregate(1, ups)
     expect, _ = _weighted_mean(ups)
-    ref = ctx.build_model()
-    FlatModel(ref).load(expect.float())
-    opt = torch.optim.SGD(ref.parameters(), lr=s.train_lr, momentum=s.train_momentum, weight_decay=s.train_weight_decay)
-    loss = fit_on_set(ref, s.pool.images, s.pool.labels, opt, epochs=3, batch_size=8,
-                      augment=DSA(s.dsa_strategy, siamese=False),
-                      generator=torch_generator(ctx.config.seed, "feddgm", "train", 1, "global"))
+    ref, loss = _fine_tune_by_hand(s, ctx, expect, epochs=3)
     got = s.flat.flatten()
     assert torch.equal(got, FlatModel(ref).flatten())
     assert not torch.equal(got, expect.float())
@@ -136,11 +147,8 @@ def test_fine_tuning_starts_at_the_aggregate_and_trains_on_the_pool(digits16):
 def test_the_server_lr_schedule_sets_each_epochs_lr(digits16, schedule):
     """train_schedule: every epoch of the fine-tuning runs at train_lr times the schedule's factor, written out
     here (cosine: (1 + cos(pi e / E)) / 2; step: 0.1 from E // 2 + 1), bit for bit; it differs from 'constant'."""
-    from fedlatent.distill.augment import DSA
     from fedlatent.fl.methods.feddgm_avg import FedDGMAvg
     from fedlatent.models.functional import FlatModel
-    from fedlatent.train import fit_on_set
-    from fedlatent.utils import torch_generator
 
     E = 5
     factor = {"cosine": lambda e: 0.5 * (1 + math.cos(math.pi * e / E)),
@@ -154,18 +162,13 @@ def test_the_server_lr_schedule_sets_each_epochs_lr(digits16, schedule):
         s.aggregate(1, ups)
         got[sched] = s.flat.flatten()
     expect, _ = _weighted_mean(ups)
-    ref = ctx.build_model()
-    FlatModel(ref).load(expect.float())
-    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=s.train_momentum, weight_decay=s.train_weight_decay)
     seen = []
 
-    def by_hand(ep):
+    def by_hand(opt, ep):
         opt.param_groups[0]["lr"] = 0.05 * factor(ep)
         seen.append(opt.param_groups[0]["lr"])
 
-    fit_on_set(ref, s.pool.images, s.pool.labels, opt, epochs=E, batch_size=8,
-               augment=DSA(s.dsa_strategy, siamese=False), on_epoch=by_hand,
-               generator=torch_generator(ctx.config.seed, "feddgm", "train", 1, "global"))
+    ref, _ = _fine_tune_by_hand(s, ctx, expect, epochs=E, lr_at=by_hand)
     assert torch.equal(got[schedule], FlatModel(ref).flatten())
     assert not torch.equal(got[schedule], got["constant"])
     assert seen[0] == 0.05 and seen[-1] < 0.05

@@ -11,6 +11,16 @@ report = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(report)
 
 
+def _bench():
+    """benchmarks/feddgm.py as a module (loaded once, on first use)."""
+    if "bench" not in _bench.__dict__:
+        spec = importlib.util.spec_from_file_location(
+            "_feddgm_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "feddgm.py")
+        _bench.bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_bench.bench)
+    return _bench.bench
+
+
 def _run(method, seed, final, alpha=0.01, premise=None):
     return {"dataset": "d", "alpha": alpha, "seed": seed, "method": method, "final": final, "last3": final,
             "curve": [[1, final]], "premise": premise}
@@ -58,10 +68,7 @@ def test_markdown_uses_the_sample_std_over_seeds():
 def test_skip_existing_keeps_a_run_from_before_an_option_existed():
     """benchmarks/feddgm.py --skip-existing: an option missing from the record counts as equal only at its default;
     any other difference (a changed value, a non-default new option, the FL config) is a rerun."""
-    spec = importlib.util.spec_from_file_location(
-        "_feddgm_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "feddgm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     old = {"config": {"seed": 0, "alpha": 0.01}, "method_options": {"lr_img": 30.0, "ipc": 2}}
     now = {"config": {"seed": 0, "alpha": 0.01}, "method_options": {"lr_img": 30.0, "ipc": 2,
                                                                     "train_schedule": "constant"}}
@@ -80,10 +87,7 @@ def test_skip_existing_knows_the_generator_file_behind_a_name(tmp_path):
 
     from fedlatent.generators.registry import read_manifest
 
-    spec = importlib.util.spec_from_file_location(
-        "_feddgm_bench2", Path(__file__).resolve().parents[1] / "benchmarks" / "feddgm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     assert bench.generator_sha({"generator": "digits"}) == read_manifest()["models"]["digits"]["sha256"]
     f = tmp_path / "g.safetensors"
     f.write_bytes(b"not a checkpoint, only bytes")
