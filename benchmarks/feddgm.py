@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dynafed-iterations", type=int, default=100, help="DynaFed synthesis iterations [%(default)s]")
     p.add_argument("--dynafed-ipc", type=int, default=10, help="DynaFed pseudo images per class [%(default)s]")
     p.add_argument("--premise-epochs", type=int, default=300, help="premise check epochs (0: skip) [%(default)s]")
+    p.add_argument("--premise-seeds", type=int, default=1, help="fresh networks per premise set, seeded the run's "
+                   "seed, then seed + 1000 k: more of them give the (a) - (b) difference a std [%(default)s]")
     p.add_argument("--eval-archs", type=_list(str), default=["convnet-d3", "resnet18", "vgg11", "alexnet"],
                    help="cross-architecture transfer of each distilled set ('' to skip) [%(default)s]")
     p.add_argument("--eval-epochs", type=int, default=100, help="cross-architecture training epochs [%(default)s]")
@@ -115,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if base not in BASE_METHODS:
             p.error(f"unknown method {m!r}; the methods are {', '.join(BASE_METHODS)} (FedDGM-family ones with "
                     "optional -soft and @SPACE)")
+    if a.premise_seeds < 1:
+        p.error(f"--premise-seeds must be at least 1, got {a.premise_seeds}")
     a.seed = a.seeds[0]  # the speed comparison's seed
     return a
 
@@ -232,12 +236,19 @@ def run_method(method: str, data, a, settings: tuple[dict, dict | None], seed: i
         if base in ("feddgm", "feddgm+avg") and getattr(st, "pool", None) is not None:
             rec["space"] = st.space
             if a.premise_epochs:
-                rec["premise"] = premise_check(st, data, arch=a.model, epochs=a.premise_epochs, seeds=(seed,)).as_dict()
+                rec["premise"] = premise_check(st, data, arch=a.model, epochs=a.premise_epochs,
+                                               seeds=premise_seeds(seed, a.premise_seeds)).as_dict()
             if a.eval_archs and (run_dir / "distilled.safetensors").is_file():
                 rec["cross_arch"] = cross_arch(run_dir / "distilled.safetensors", data, a, seed)
     rec["last3"] = last_mean(rec["curve"])
     rec["wall_s"] = time.perf_counter() - t0
     return rec
+
+
+def premise_seeds(seed: int, n: int) -> tuple[int, ...]:
+    """The premise check's training seeds: the run's own first (so one seed is the earlier records' check), then
+    ``seed + 1000 k``, clear of the other runs' seeds."""
+    return (seed,) + tuple(seed + 1000 * k for k in range(1, n))
 
 
 def method_settings(method: str, a, common: dict, alpha: float, seed: int, gen, space, dataset: str):

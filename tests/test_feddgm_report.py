@@ -94,3 +94,13 @@ def test_skip_existing_knows_the_generator_file_behind_a_name(tmp_path):
     assert bench.generator_sha({"generator": str(f)}) == hashlib.sha256(f.read_bytes()).hexdigest()
     assert bench.generator_sha(None) is None and bench.generator_sha({"generator": None}) is None
     assert bench.generator_sha({"generator": "random:width=8"}) is None
+
+
+def test_premise_seeds_keep_the_run_seed_first_and_reject_zero(capsys):
+    bench = _bench()
+    assert bench.premise_seeds(3, 1) == (3,)  # one seed: the check the earlier records ran
+    assert bench.premise_seeds(1, 3) == (1, 1001, 2001)
+    assert bench.parse_args(["--premise-seeds", "2"]).premise_seeds == 2
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--premise-seeds", "0"])
+    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
