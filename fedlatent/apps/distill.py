@@ -88,6 +88,8 @@ class Preset:
 #: symmetric), 100 server epochs. lr_img 30: with the mode-seeking ``cifar10`` generator, 100 moved the f_k by 42-78 %
 #: of their norm and the pool trained fresh networks 1.8 points worse than its own initial latents (2 seeds);
 #: 30 moves them 13-21 % and the pool beats its initialisation, at the same final accuracy (RESULTS.md, 2026-12-02).
+#: On the committed generator (run 4) 30 again beats 10, 100 and 50 iterations on the pool-vs-initial premise
+#: (RESULTS.md, "The pool against its initial latents").
 #: MTT engine 'fast' (bf16 convolutions + torch.compile where the CPU has them; RESULTS.md, "The cell's engine").
 #: Each is a pair of config instances; :meth:`Preset.differences` lists where it differs from the defaults
 #: (``fedlatent methods feddgm`` prints that).
