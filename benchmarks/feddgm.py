@@ -305,6 +305,16 @@ def generator_sha(method_options: dict | None) -> str | None:
     return generator_identity(str(g))[1]
 
 
+def rerun_reason(rec: dict, settings: tuple[dict, dict | None], g_sha: str | None) -> str | None:
+    """Why a finished run's record cannot stand for the command's run (None: reuse it): other settings
+    (:func:`same_settings`) or, for a FedDGM-family run, another generator file (:func:`generator_sha`)."""
+    if not same_settings(rec.get("settings"), dict(zip(("config", "method_options"), settings))):
+        return "other settings"
+    if g_sha is not None and rec.get("generator_sha256") != g_sha:
+        return "another generator file (or one not recorded)"
+    return None
+
+
 _REAL_CROSS: dict = {}  # (data, arch, images per class, seed, epochs) -> the real subset's accuracy, shared by a cell
 
 
@@ -358,13 +368,9 @@ def main(argv=None) -> int:
                     rec = json.loads(done.read_text()) if a.skip_existing and done.is_file() else None
                     settings = method_settings(method, a, common, alpha, seed, gen, space, name)
                     g_sha = generator_sha(settings[1])
-                    if rec is not None and not same_settings(rec.get("settings"),
-                                                             dict(zip(("config", "method_options"), settings))):
-                        print(f"{run_dir.name}: finished with other settings; rerunning", flush=True)
-                        rec = None
-                    if rec is not None and g_sha is not None and rec.get("generator_sha256") != g_sha:
-                        print(f"{run_dir.name}: finished with another generator file (or one not recorded); rerunning",
-                              flush=True)
+                    why = None if rec is None else rerun_reason(rec, settings, g_sha)
+                    if why:
+                        print(f"{run_dir.name}: finished with {why}; rerunning", flush=True)
                         rec = None
                     if rec is not None:
                         print(f"{name} alpha={alpha} seed={seed} {method}: final {rec['final']:.4f} (existing run)",

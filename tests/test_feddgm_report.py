@@ -104,3 +104,15 @@ def test_premise_seeds_keep_the_run_seed_first_and_reject_zero(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--premise-seeds", "0"])
     assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_rerun_reason_names_settings_before_the_generator_file():
+    bench = _bench()
+    settings = ({"seed": 0}, {"generator": "cifar10", "lr_img": 30.0})
+    rec = {"settings": {"config": {"seed": 0}, "method_options": {"generator": "cifar10", "lr_img": 30.0}},
+           "generator_sha256": "aa"}
+    assert bench.rerun_reason(rec, settings, "aa") is None
+    assert bench.rerun_reason(rec, settings, None) is None  # no generator file: the settings decide
+    assert "generator" in bench.rerun_reason(rec, settings, "bb")
+    assert "generator" in bench.rerun_reason({k: v for k, v in rec.items() if k != "generator_sha256"}, settings, "aa")
+    assert bench.rerun_reason(rec, ({"seed": 1}, settings[1]), "aa") == "other settings"
