@@ -5,7 +5,8 @@ MTT evaluation protocol) and are tested on the real test set:
 
 (a) the distilled pool (the last round's, or all rounds' with ``pool="all"``);
 (b) the raw generator samples at the *initial* latents of the same clients and rounds, the same labels, no MTT
-    (re-created from the seeds, :meth:`fedlatent.fl.methods.feddgm.FedDGM.initial_synthetic`);
+    (re-created from the seeds, :meth:`fedlatent.fl.methods.feddgm.FedDGM.initial_synthetic`; under ``warm_start``
+    the fresh draw each client's chain of sets began from, :meth:`~fedlatent.fl.methods.feddgm.FedDGM.origin_round`);
 (c) a random real subset of the same size, class-balanced (a reference only a simulation can compute: the
     server never holds real client data).
 
@@ -89,7 +90,8 @@ def initial_pool(strategy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     hard = class_indices(pool.labels)
     for rnd, cid in keys:  # classes="inferred": each set's own classes, as the pool holds them
         own = hard[(pool.rounds == rnd) & (pool.clients == cid)] if strategy.classes == "inferred" else None
-        syn, y, _ = strategy.initial_synthetic(int(rnd), int(cid), own)
+        start = strategy.origin_round(int(rnd), int(cid)) if hasattr(strategy, "origin_round") else int(rnd)
+        syn, y, _ = strategy.initial_synthetic(start, int(cid), own)  # warm_start: its chain's fresh draw
         imgs.append(syn.render().detach().float().cpu())
         labels.append(class_indices(y).long().cpu())
         fw = syn.full_ws() if hasattr(syn, "full_ws") else None

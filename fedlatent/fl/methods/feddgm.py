@@ -96,6 +96,12 @@ class FedDGMConfig:
     """Synthetic images per student step; None = the whole set (reference: ``--batch_syn`` None)."""
     init: str = "random"
     """Latent initialisation: 'random' (z ~ N(0, I) through the mapping, as the reference) or 'mean_w'."""
+    warm_start: bool = False
+    """Start each client's set where its previous set ended, instead of fresh latents every round (beyond the
+    reference, which re-initialises each round: fed_main.py calls ``prepare_latents`` per client and round). The
+    latents then keep what the earlier rounds' trajectories - those from a barely trained surrogate - put into
+    them, and each round's matching refines them. A client's first set, or one whose classes changed
+    (``classes="inferred"``), starts fresh; the premise check compares with that chain's fresh start."""
     soft_labels: bool = False
     """Learn soft-label logits with the latents (beyond the reference, which keeps hard labels; DynaFed learns
     them): the labels start at ``label_init * onehot`` and take SGD steps of ``lr_label`` on the MTT loss; the
@@ -176,7 +182,7 @@ class FedDGMConfig:
         self.lr_teacher = check_number(own, "lr_teacher", self.lr_teacher, positive=True)
         self.batch_syn = None if self.batch_syn is None else check_int(own, "batch_syn", self.batch_syn, 1)
         self.max_batch = None if self.max_batch is None else check_int(own, "max_batch", self.max_batch, 1)
-        for name in ("soft_labels", "dsa", "train_dsa", "progress", "save_artifacts"):
+        for name in ("soft_labels", "warm_start", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
                               ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("train_schedule", LR_SCHEDULES),
@@ -214,6 +220,7 @@ class FedDGM(Strategy):
         vars(self).update(d)
         self._pixel = self.space is not None and parse_space(self.space) == PIXEL
         self.pool, self.round_log = None, []  # Pool | None, list[dict]: the round log
+        self.carry: dict[int, dict] = {}  # warm_start: client id -> its last set ({"origin", "labels", ...})
 
     def options(self) -> dict[str, Any]:
         o = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("progress", "save_artifacts")}
@@ -259,7 +266,7 @@ class FedDGM(Strategy):
                                  "trajectory matching needs a buffer-free student such as the instance-norm ConvNet")
         self.flat = FlatModel(self.surrogate)
         self._sent: tuple[int, torch.Tensor] | None = None
-        self.pool, self.round_log = None, []
+        self.pool, self.round_log, self.carry = None, [], {}
 
     # -- engine hooks ----------------------------------------------------------------------------------
     def client_payload(self, rnd: int, client_id: int) -> TensorDict:
@@ -316,16 +323,66 @@ class FedDGM(Strategy):
         seed = derive_seed(derive_seed(self.ctx.config.seed, "feddgm", rnd, client_id), "latents")
         return self._synthetic(seed, classes)
 
+    def origin_round(self, rnd: int, client_id: int) -> int:
+        """The round whose fresh draw the set distilled for ``client_id`` in round ``rnd`` started from: ``rnd``
+        itself, or under ``warm_start`` the first round of that client's chain."""
+        return int(self.carry.get(int(client_id), {}).get("origins", {}).get(int(rnd), rnd))
+
+    def _set_classes(self, u: Upload) -> torch.Tensor | None:
+        """The classes of the set distilled from upload ``u``: None (``ipc`` of each) or, under
+        ``classes="inferred"``, those its trajectory shows (:func:`fedlatent.fl.label_inference.client_labels`)."""
+        if self.classes != "inferred":
+            return None
+        start, end = (u.tensors[k].detach().to(self.ctx.device) for k in ("start", "end"))
+        return client_labels(self.flat, start, end, self.ipc * self.ctx.num_classes)
+
+    def _continued(self, client_id: int, classes: torch.Tensor | None) -> dict | None:
+        """``warm_start``: the client's previous set (:attr:`carry`) when its next set continues it (there is one,
+        with these classes), else None: a fresh start."""
+        prev = self.carry.get(int(client_id)) if self.warm_start else None
+        want = torch.arange(self.ctx.num_classes).repeat_interleave(self.ipc) if classes is None else classes.cpu()
+        return prev if prev is not None and torch.equal(class_indices(prev["labels"]).long(), want.long()) else None
+
+    def _warm_synthetic(self, prev: dict):
+        """``(set, labels, optimiser)`` starting at a previous set's latents (pixels in pixel space) and labels."""
+        from ...generators.latent import LatentSet
+        from ...synthetic import PixelSet
+
+        ctx, dev = self.ctx, self.ctx.device
+        labels = prev["labels"].to(dev)
+        if self._pixel:
+            syn = PixelSet(prev["images"].to(dev))
+            return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
+        f = None if prev["f_k"] is None else prev["f_k"].to(dev)
+        syn = LatentSet(self.G, self.space, class_indices(prev["labels"]), ws=prev["ws"].to(dev), f=f, mean=ctx.mean,
+                        std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
+        return syn, labels, torch.optim.SGD(syn.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
+
+    def _remember(self, rnd: int, sets: Sequence[DistilledSet], uploads: Sequence[Upload]) -> None:
+        """``warm_start``: keep each usable set of round ``rnd`` as where its client's next set starts, with the
+        round its chain began (decided by :meth:`_continued`, the rule :meth:`make_distillers` applied)."""
+        for u, st in zip(uploads, sets):
+            if st.images is None or not torch.isfinite(st.images).all():
+                continue  # a failed set: the client's chain goes on from its last good set
+            cid = int(u.client_id)
+            prev = self._continued(cid, self._set_classes(u))
+            origins = dict(self.carry.get(cid, {}).get("origins", {}))
+            origins[int(rnd)] = int(prev["origin"]) if prev is not None else int(rnd)
+            self.carry[cid] = {"origin": origins[int(rnd)], "labels": st.labels, "ws": st.ws, "f_k": st.f_k,
+                               "images": st.images if self._pixel else None, "origins": origins}
+
     def make_distillers(self, rnd: int, uploads: Sequence[Upload]) -> list[Distiller]:
-        """One engine Distiller per upload: start -> end segment, fresh latents, seeds (seed, round, client)."""
+        """One engine Distiller per upload: start -> end segment; fresh latents seeded (seed, round, client), or
+        under ``warm_start`` the client's previous set (:meth:`_continued`)."""
         ctx = self.ctx
         out = []
         for u in uploads:
             seed = derive_seed(ctx.config.seed, "feddgm", rnd, u.client_id)
             start, end = (u.tensors[k].detach().to(ctx.device) for k in ("start", "end"))
-            inferred = self.classes == "inferred"  # the budget over the classes the upload shows (label_inference)
-            classes = client_labels(self.flat, start, end, self.ipc * ctx.num_classes) if inferred else None
-            syn, labels, opt = self.initial_synthetic(rnd, u.client_id, classes)
+            classes = self._set_classes(u)  # under classes="inferred": the budget over the classes the upload shows
+            prev = self._continued(u.client_id, classes)
+            syn, labels, opt = (self._warm_synthetic(prev) if prev is not None
+                                else self.initial_synthetic(rnd, u.client_id, classes))
             cfg = DistillConfig(syn_steps=self.syn_steps, expert_epochs=1, max_start_epoch=1, batch_syn=self.batch_syn,
                                 lr_img=self.lr_img, lr_lr=self.lr_lr / self.lr_teacher ** 2,
                                 lr_label=self.lr_label if self.soft_labels else 0.0,
@@ -377,6 +434,8 @@ class FedDGM(Strategy):
         """Steps 2-3 of the round (module docstring): distil every client of ``good``, pool the sets, train on the
         pool, log the round; returns ``extra`` with the round's metrics added."""
         sets, bsz, t_distill = self._distil_round(rnd, good)
+        if self.warm_start:
+            self._remember(rnd, sets, good)
         this_round, dropped = pool_round(sets, [u.client_id for u in good], rnd)
         extra["distill_dropped"] = float(len(dropped))
         if this_round is None:
@@ -444,7 +503,7 @@ class FedDGM(Strategy):
     def worker_view(self) -> "FedDGM":
         """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
         shallow copy without the pool, round log, global model (unless it is the surrogate), flat-parameter helper,
-        sent payload and runner hook. A generator loaded by name goes by name (each worker loads it once and checks
+        sent payload and runner hook; it keeps :attr:`carry` (``warm_start``'s previous sets, as small as a pool). A generator loaded by name goes by name (each worker loads it once and checks
         its sha256; on a cluster the name must resolve on every node); a generator object set in a program goes as
         it is."""
         v = copy.copy(self)
@@ -495,6 +554,9 @@ class FedDGM(Strategy):
         st: dict[str, Any] = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                               "pool": None if self.pool is None else self.pool.state(),
                               "round_log": copy.deepcopy(self.round_log)}
+        if self.carry:  # warm_start: each client's last set and its chain's rounds
+            st["carry"] = {str(c): {k: ({str(r): o for r, o in v.items()} if k == "origins" else v)
+                                    for k, v in e.items() if v is not None} for c, e in self.carry.items()}
         if self.surrogate is not self.model:
             st["surrogate"] = {k: v.detach().clone() for k, v in self.surrogate.state_dict().items()}
         return st
@@ -508,6 +570,10 @@ class FedDGM(Strategy):
             self.surrogate.load_state_dict(state["surrogate"])
         self.pool = Pool.from_state(state.get("pool"))
         self.round_log = list(state.get("round_log") or [])
+        self.carry = {int(c): {"origin": int(e["origin"]), "labels": e["labels"].clone(), "ws": e.get("ws"),
+                               "f_k": e.get("f_k"), "images": e.get("images"),
+                               "origins": {int(r): int(o) for r, o in e["origins"].items()}}
+                      for c, e in (state.get("carry") or {}).items()}
         self._sent = None
 
 
