@@ -101,7 +101,9 @@ class FedDGMConfig:
     reference, which re-initialises each round: fed_main.py calls ``prepare_latents`` per client and round). The
     latents then keep what the earlier rounds' trajectories - those from a barely trained surrogate - put into
     them, and each round's matching refines them. A client's first set, or one whose classes changed
-    (``classes="inferred"``), starts fresh; the premise check compares with that chain's fresh start."""
+    (``classes="inferred"``), starts fresh; the premise check compares with that chain's fresh start. Measured on
+    the CIFAR-10 cell (benchmarks/RESULTS.md, "Warm-started latents"): worse on both counts - the final accuracy
+    drops by 7 points and the pool trains fresh networks below its chains' starting draws - so it is off."""
     soft_labels: bool = False
     """Learn soft-label logits with the latents (beyond the reference, which keeps hard labels; DynaFed learns
     them): the labels start at ``label_init * onehot`` and take SGD steps of ``lr_label`` on the MTT loss; the
