@@ -21,7 +21,8 @@ finished runs, so the grid can run in parts):
 
 1. final accuracy (mean ± std over ``--seeds``) and the mean of the last 3 rounds, per method; curves in
    ``--out/curves.png``;
-2. the premise check of every FedDGM-family run (:mod:`fedlatent.apps.premise`);
+2. the premise check of every FedDGM-family run (:mod:`fedlatent.apps.premise`); with ``--premise-every-round``
+   also after each round, on that round's pool (the record's ``premise_rounds``, the run's ``premise_rounds.png``);
 3. cross-architecture (``--eval-archs``): fresh networks trained on each distilled set vs a random real subset of
    equal size;
 4. ``--speed``: seconds per MTT iteration of all clients, looped vs batched.
@@ -95,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--premise-epochs", type=int, default=300, help="premise check epochs (0: skip) [%(default)s]")
     p.add_argument("--premise-seeds", type=int, default=1, help="fresh networks per premise set, seeded the run's "
                    "seed, then seed + 1000 k: more of them give the (a) - (b) difference a std [%(default)s]")
+    p.add_argument("--premise-every-round", action="store_true", help="FedDGM-family runs: also check the premise "
+                   "after every round, on that round's pool against its initial latents (no real subset), into the "
+                   "record's premise_rounds and the run's premise_rounds.png")
     p.add_argument("--eval-archs", type=_list(str), default=["convnet-d3", "resnet18", "vgg11", "alexnet"],
                    help="cross-architecture transfer of each distilled set ('' to skip) [%(default)s]")
     p.add_argument("--eval-epochs", type=int, default=100, help="cross-architecture training epochs [%(default)s]")
@@ -220,7 +224,12 @@ def run_method(method: str, data, a, settings: tuple[dict, dict | None], seed: i
     else:
         kw = dict(dataset=data.name, data=data, out=run_dir, overwrite=True, progress=False)
         if base in ("feddgm", "feddgm+avg"):
-            sim = simulate(base, method_options=opts, **kw, **cfg)
+            per_round = []
+            hook = round_premise(per_round, data, a, seed) if a.premise_every_round and a.premise_epochs else None
+            sim = simulate(base, method_options=opts, on_round=hook, **kw, **cfg)
+            if per_round:
+                rec["premise_rounds"] = per_round
+                plot_premise_rounds(per_round, run_dir / "premise_rounds.png", f"{data.name} {method}, seed {seed}")
         elif base == "dynafed":
             synth = max(3, a.rounds // 2)
             if synth >= a.rounds:
@@ -243,6 +252,44 @@ def run_method(method: str, data, a, settings: tuple[dict, dict | None], seed: i
     rec["last3"] = last_mean(rec["curve"])
     rec["wall_s"] = time.perf_counter() - t0
     return rec
+
+
+def round_premise(rows: list, data, a, seed: int):
+    """An ``on_round`` hook appending each round's premise check (the round's pool against its initial latents,
+    paired per training seed; no real subset) to ``rows``."""
+    from fedlatent.apps.premise import premise_check
+
+    def hook(rnd: int, strategy, engine_state) -> None:
+        if getattr(strategy, "pool", None) is None:
+            return
+        p = premise_check(strategy, data, arch=a.model, epochs=a.premise_epochs,
+                          seeds=premise_seeds(seed, a.premise_seeds), real=False)
+        hist = engine_state.get("history") or [{}]
+        rows.append({"round": int(rnd), "accuracy": hist[-1].get("accuracy"), "distilled": p.distilled,
+                     "initial": p.initial, "f_move": p.f_move, "gaps": [d - i for d, i in zip(p.distilled["accs"],
+                                                                                             p.initial["accs"])]})
+    return hook
+
+
+def plot_premise_rounds(rows: list, path: Path, title: str) -> None:
+    """Each round's pool and initial latents (fresh-network accuracy, mean ± std over the training seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [row["round"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("distilled", "(a) the round's distilled pool"), ("initial", "(b) its initial latents")):
+        ax.errorbar(r, [100 * row[key]["mean"] for row in rows], yerr=[100 * row[key]["std"] for row in rows],
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("fresh network test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def premise_seeds(seed: int, n: int) -> tuple[int, ...]:

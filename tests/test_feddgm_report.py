@@ -116,3 +116,25 @@ def test_rerun_reason_names_settings_before_the_generator_file():
     assert "generator" in bench.rerun_reason(rec, settings, "bb")
     assert "generator" in bench.rerun_reason({k: v for k, v in rec.items() if k != "generator_sha256"}, settings, "aa")
     assert bench.rerun_reason(rec, ({"seed": 1}, settings[1]), "aa") == "other settings"
+
+
+def test_premise_every_round_ends_at_the_runs_own_premise(tmp_path):
+    """--premise-every-round: one check per round, paired per training seed; the last round's is the end-of-run
+    check of the same pool with the same seeds, so its (a) and (b) are the record's premise to the bit."""
+    bench = _bench()
+    out = tmp_path / "g"
+    assert bench.main(["--datasets", "digits", "--alphas", "0.5", "--seeds", "0", "--rounds", "2", "--clients", "2",
+                       "--train-subsample", "200", "--test-subsample", "100", "--model", "convnet:width=8",
+                       "-O", "surrogate=\"convnet:width=8\"", "-O", "iterations=1", "-O", "syn_steps=2", "-O", "ipc=1",
+                       "-O", "train_epochs=1", "--premise-epochs", "2", "--premise-seeds", "2",
+                       "--premise-every-round", "--eval-archs", "", "--methods", "feddgm", "--out", str(out)]) == 0
+    run = next(out.glob("*-feddgm"))
+    rec = json.loads((run / "record.json").read_text())
+    rows = rec["premise_rounds"]
+    assert [r["round"] for r in rows] == [1, 2] and all(len(r["gaps"]) == 2 for r in rows)
+    assert rows[-1]["distilled"]["accs"] == rec["premise"]["distilled"]["accs"]
+    assert rows[-1]["initial"]["accs"] == rec["premise"]["initial"]["accs"]
+    assert rows[-1]["gaps"] == [d - i for d, i in zip(rec["premise"]["distilled"]["accs"],
+                                                        rec["premise"]["initial"]["accs"])]
+    assert [r["accuracy"] for r in rows] == [acc for _, acc in rec["curve"][1:]]
+    assert (run / "premise_rounds.png").stat().st_size > 0

@@ -284,7 +284,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              method_options: Mapping[str, Any] | None = None, progress: bool = True,
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
              client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
-             log: str | Sequence[str] | None = None, **config: Any) -> SimulationResult:
+             log: str | Sequence[str] | None = None,
+             on_round: Callable[[int, Strategy, dict[str, Any]], None] | None = None, **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``
@@ -294,6 +295,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     process), "ray" (clients as Ray tasks; a local Ray instance, or the cluster at ``ray_address``, started and
     stopped for this run) or a :class:`fedlatent.backends.ray.RayBackend` (its settings; the caller closes it).
     ``log``: trackers besides metrics.csv (:mod:`fedlatent.tracking`, e.g. ``"tensorboard,mlflow"``; needs ``out``).
+    ``on_round(rnd, strategy, engine_state)``: called after every recorded round (run_simulation's
+    ``checkpoint_fn``), e.g. to measure the strategy's state round by round.
     """
     fields = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(config) - fields)
@@ -327,7 +330,7 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
     try:
         result = run_simulation(strategy, data, cfg, out_dir=out, overwrite=overwrite, run_info=info,
                                 progress=progress, client_map=runner.client_map if runner is not None else client_map,
-                                tracker=tracker)
+                                tracker=tracker, checkpoint_fn=on_round)
         if tracker:
             tracker.log_run_folder(result.out_dir)
         status = "FINISHED"
