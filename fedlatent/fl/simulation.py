@@ -285,7 +285,8 @@ def simulate(method: str = "fedavg", dataset: str = "digits", data_root: str | o
              run_info: Mapping[str, Any] | None = None, data: ImageData | None = None,
              client_map: ClientMap | None = None, backend: Any = "serial", ray_address: str | None = None,
              log: str | Sequence[str] | None = None,
-             on_round: Callable[[int, Strategy, dict[str, Any]], None] | None = None, **config: Any) -> SimulationResult:
+             on_round: Callable[[int, Strategy, dict[str, Any]], None] | None = None,
+             **config: Any) -> SimulationResult:
     """Load ``dataset``, build ``method`` and run the simulation; the API behind ``fedlatent simulate``.
 
     ``config`` holds :class:`FLConfig` fields (clients, rounds, alpha, lr, ...); ``method_options``

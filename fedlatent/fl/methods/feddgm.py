@@ -505,9 +505,9 @@ class FedDGM(Strategy):
     def worker_view(self) -> "FedDGM":
         """What a parallel runner ships to its workers for :meth:`client_update` / :meth:`distill_client`: a
         shallow copy without the pool, round log, global model (unless it is the surrogate), flat-parameter helper,
-        sent payload and runner hook; it keeps :attr:`carry` (``warm_start``'s previous sets, as small as a pool). A generator loaded by name goes by name (each worker loads it once and checks
-        its sha256; on a cluster the name must resolve on every node); a generator object set in a program goes as
-        it is."""
+        sent payload and runner hook; it keeps :attr:`carry` (``warm_start``'s previous sets, as small as a pool).
+        A generator loaded by name goes by name (each worker loads it once and checks its sha256; on a cluster the
+        name must resolve on every node); a generator object set in a program goes as it is."""
         v = copy.copy(self)
         d = v.__dict__
         d.pop("distill_map", None)
