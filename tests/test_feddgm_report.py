@@ -120,16 +120,21 @@ def test_rerun_reason_names_settings_before_the_generator_file():
 
 def test_premise_every_round_ends_at_the_runs_own_premise(tmp_path):
     """--premise-every-round: one check per round, paired per training seed; the last round's is the end-of-run
-    check of the same pool with the same seeds, so its (a) and (b) are the record's premise to the bit."""
+    check of the same pool with the same seeds, so its (a) and (b) are the record's premise to the bit; and the
+    checks leave the run itself as it is without them (the same curve, the same pool)."""
     bench = _bench()
-    out = tmp_path / "g"
-    assert bench.main(["--datasets", "digits", "--alphas", "0.5", "--seeds", "0", "--rounds", "2", "--clients", "2",
-                       "--train-subsample", "200", "--test-subsample", "100", "--model", "convnet:width=8",
-                       "-O", "surrogate=\"convnet:width=8\"", "-O", "iterations=1", "-O", "syn_steps=2", "-O", "ipc=1",
-                       "-O", "train_epochs=1", "--premise-epochs", "2", "--premise-seeds", "2",
-                       "--premise-every-round", "--eval-archs", "", "--methods", "feddgm", "--out", str(out)]) == 0
+    args = ["--datasets", "digits", "--alphas", "0.5", "--seeds", "0", "--rounds", "2", "--clients", "2",
+            "--train-subsample", "200", "--test-subsample", "100", "--model", "convnet:width=8",
+            "-O", "surrogate=\"convnet:width=8\"", "-O", "iterations=1", "-O", "syn_steps=2", "-O", "ipc=1",
+            "-O", "train_epochs=1", "--premise-epochs", "2", "--premise-seeds", "2", "--eval-archs", "",
+            "--methods", "feddgm"]
+    out, plain = tmp_path / "g", tmp_path / "plain"
+    assert bench.main(args + ["--premise-every-round", "--out", str(out)]) == 0
+    assert bench.main(args + ["--out", str(plain)]) == 0
     run = next(out.glob("*-feddgm"))
     rec = json.loads((run / "record.json").read_text())
+    base = json.loads((next(plain.glob("*-feddgm")) / "record.json").read_text())
+    assert rec["curve"] == base["curve"] and rec["premise"]["distilled"] == base["premise"]["distilled"]  # no side effect
     rows = rec["premise_rounds"]
     assert [r["round"] for r in rows] == [1, 2] and all(len(r["gaps"]) == 2 for r in rows)
     assert rows[-1]["distilled"]["accs"] == rec["premise"]["distilled"]["accs"]
