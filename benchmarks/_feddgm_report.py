@@ -4,6 +4,7 @@ check, the cross-architecture transfer, the speed line, the accuracy curves, and
 Run as a script it merges the ``record.json`` of grid parts run into separate ``--out`` folders::
 
     python benchmarks/_feddgm_report.py OUT1 OUT2 ... [--json merged.json] [--png curves.png] [--hybrid hyb-m]
+        [--png-rounds premise_rounds.png]
 """
 from __future__ import annotations
 
@@ -162,11 +163,82 @@ def targets(runs: list[dict], hybrid: str = "feddgm+avg") -> list[dict]:
         prem = [r["premise"] for r in per.get("feddgm", {}).values() if r.get("premise")]
         if prem:
             a = [100 * p["distilled"]["mean"] for p in prem]
+            pairs = paired_gaps(prem)
             row["premise"] = {"vs_initial": float(np.mean(a) - np.mean([100 * p["initial"]["mean"] for p in prem])),
                               "vs_real": float(np.mean(a) - np.mean([100 * p["real"]["mean"] for p in prem
-                                                                     if p.get("real")] or [np.nan]))}
+                                                                     if p.get("real")] or [np.nan])),
+                              "vs_initial_pairs": pairs, "pairs_above_0": sum(g > 0 for g in pairs)}
         out.append(row)
     return out
+
+
+def paired_gaps(premises: list[dict]) -> list[float]:
+    """(a) - (b) in points for every fresh network of every premise check, paired by training seed: the pool's and
+    the initial latents' networks of one check share their seed (``--premise-seeds``), so each pair differs only
+    in the training set."""
+    return [100 * (d - i) for p in premises
+            for d, i in zip(p["distilled"].get("accs", []), p["initial"].get("accs", []))]
+
+
+def premise_rounds(runs: list[dict]) -> list[dict]:
+    """The per-round premise (``--premise-every-round``) of every run that has it, per (dataset, alpha, method):
+    for each round the paired gaps of all seeds' checks, with their mean, std and how many are above 0, and the
+    same over every round."""
+    out = []
+    for (ds, alpha), cell in group([r for r in runs if r.get("premise_rounds")]).items():
+        for m, rs in cell.items():
+            by_round: dict = defaultdict(list)
+            for r in rs:
+                for row in r["premise_rounds"]:
+                    by_round[row["round"]].extend(100 * g for g in row["gaps"])
+            rounds = [{"round": k, "gaps": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if
+                       len(v) > 1 else 0.0, "above_0": sum(g > 0 for g in v)} for k, v in sorted(by_round.items())]
+            every = [g for row in rounds for g in row["gaps"]]
+            out.append({"dataset": ds, "alpha": alpha, "method": m, "seeds": sorted(r["seed"] for r in rs),
+                        "rounds": rounds, "mean": float(np.mean(every)), "std": float(np.std(every, ddof=1)),
+                        "above_0": sum(g > 0 for g in every), "n": len(every)})
+    return out
+
+
+def print_premise_rounds(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"\nPer-round premise, {row['dataset']} alpha={row['alpha']} {row['method']} (seeds "
+              f"{', '.join(map(str, row['seeds']))}): pool - initial latents, paired per training seed (points)")
+        for r in row["rounds"]:
+            print(f"  round {r['round']:>3}: {r['mean']:+6.2f} ± {r['std']:.2f}  "
+                  f"({r['above_0']} of {len(r['gaps'])} > 0)")
+        print(f"  every round: {row['mean']:+6.2f} ± {row['std']:.2f}  ({row['above_0']} of {row['n']} > 0)")
+
+
+def plot_premise_rounds(runs: list[dict], path: Path) -> None:
+    """Pool - initial latents per round (paired gaps), one line per run seed (mean ± std over its training
+    seeds), one panel per (dataset, alpha, method) with a per-round premise."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    g = [(key, m, rs) for key, cell in group([r for r in runs if r.get("premise_rounds")]).items()
+         for m, rs in cell.items()]
+    if not g:
+        return
+    fig = Figure(figsize=(5.6 * len(g), 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, ((ds, alpha), m, rs) in enumerate(g):
+        ax = fig.add_subplot(1, len(g), i + 1)
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            rows = r["premise_rounds"]
+            gaps = [[100 * x for x in row["gaps"]] for row in rows]
+            ax.errorbar([row["round"] for row in rows], [np.mean(x) for x in gaps],
+                        yerr=[np.std(x, ddof=1) if len(x) > 1 else 0 for x in gaps], marker="o", capsize=3,
+                        label=f"seed {r['seed']} (mean {np.mean([y for x in gaps for y in x]):+.2f})")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(f"{ds}, alpha={alpha}, {m}", fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel("(a) pool - (b) initial latents (points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -186,7 +258,9 @@ def print_targets(rows: list[dict]) -> None:
                   f"({'met on every seed' if t['met_every_seed'] else 'not on every seed'})")
         if "premise" in row:
             p = row["premise"]
-            print(head + f"FedDGM premise: pool - initial latents {p['vs_initial']:+.2f}, "
+            pairs = p.get("vs_initial_pairs") or []
+            print(head + f"FedDGM premise: pool - initial latents {p['vs_initial']:+.2f} "
+                  f"({p.get('pairs_above_0', 0)} of {len(pairs)} paired networks > 0), "
                   f"pool - real subset {p['vs_real']:+.2f}")
 
 
@@ -224,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="+", help="--out folders of benchmarks/feddgm.py (later ones win per cell)")
     p.add_argument("--json", help="write the merged runs and targets here (no machine paths)")
     p.add_argument("--png", help="write the accuracy curves here")
+    p.add_argument("--png-rounds", help="write the per-round premise (--premise-every-round runs) here")
     p.add_argument("--hybrid", default="feddgm+avg", help="the method name the hybrid target checks [%(default)s]")
     p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     a = p.parse_args(argv)
@@ -234,12 +309,17 @@ def main(argv=None) -> int:
     print_tables({"runs": runs})
     rows = targets(runs, a.hybrid)
     print_targets(rows)
+    per_round = premise_rounds(runs)
+    print_premise_rounds(per_round)
     if a.markdown:
         print(markdown(runs))
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "targets": rows}, indent=1))
+        merged = {"runs": runs, "targets": rows} | ({"premise_rounds": per_round} if per_round else {})
+        Path(a.json).write_text(json.dumps(merged, indent=1))
     if a.png:
         plot_cells(runs, Path(a.png))
+    if a.png_rounds:
+        plot_premise_rounds(runs, Path(a.png_rounds))
     return 0
 
 

@@ -48,6 +48,29 @@ def test_targets_margins_per_seed_and_on_the_mean():
     assert not h["met_every_seed"] and "feddgm_minus_fedavg" not in rows[0.1]
 
 
+def test_premise_rounds_pool_the_paired_gaps_of_every_seed_per_round(tmp_path, capsys):
+    """The per-round premise: round k's gaps are every run's round-k pairs; the summary over every round is their
+    union; the end-of-run premise's pairs are (a) - (b) per training seed."""
+    def rounds(*gaps):
+        return [{"round": k + 1, "gaps": list(g)} for k, g in enumerate(gaps)]
+
+    p0 = {**_premise(.3, .2, .4), "distilled": {"mean": .3, "accs": [.31, .29]},
+          "initial": {"mean": .2, "accs": [.30, .10]}}
+    runs = [{**_run("feddgm", 0, 0.3, premise=p0), "premise_rounds": rounds((.01, .03), (-.02, .00))},
+            {**_run("feddgm", 1, 0.3), "premise_rounds": rounds((.02, .02), (.04, -.01))}, _run("fedavg", 0, 0.2)]
+    (row,) = report.premise_rounds(runs)
+    assert row["seeds"] == [0, 1] and [r["round"] for r in row["rounds"]] == [1, 2]
+    assert row["rounds"][0]["mean"] == pytest.approx(2.0) and row["rounds"][0]["above_0"] == 4
+    assert row["rounds"][1]["mean"] == pytest.approx(0.25) and row["rounds"][1]["above_0"] == 1
+    assert row["mean"] == pytest.approx(1.125) and row["n"] == 8 and row["above_0"] == 5
+    assert row["std"] == pytest.approx(float(__import__("numpy").std([1, 3, 2, 2, -2, 0, 4, -1], ddof=1)))
+    t = report.targets(runs)[0]["premise"]
+    assert t["vs_initial_pairs"] == pytest.approx([1.0, 19.0]) and t["pairs_above_0"] == 2
+    png = tmp_path / "r.png"
+    report.plot_premise_rounds(runs, png)
+    assert png.stat().st_size > 0
+
+
 def test_collect_later_folder_wins_and_main_writes_json(tmp_path, capsys):
     for folder, final in (("a", 0.1), ("b", 0.2)):
         d = tmp_path / folder / "d-a0.01-s0-fedavg"
@@ -134,7 +157,7 @@ def test_premise_every_round_ends_at_the_runs_own_premise(tmp_path):
     run = next(out.glob("*-feddgm"))
     rec = json.loads((run / "record.json").read_text())
     base = json.loads((next(plain.glob("*-feddgm")) / "record.json").read_text())
-    assert rec["curve"] == base["curve"] and rec["premise"]["distilled"] == base["premise"]["distilled"]  # no side effect
+    assert rec["curve"] == base["curve"] and rec["premise"]["distilled"] == base["premise"]["distilled"]
     rows = rec["premise_rounds"]
     assert [r["round"] for r in rows] == [1, 2] and all(len(r["gaps"]) == 2 for r in rows)
     assert rows[-1]["distilled"]["accs"] == rec["premise"]["distilled"]["accs"]
