@@ -190,7 +190,7 @@ def premise_rounds(runs: list[dict]) -> list[dict]:
             by_round: dict = defaultdict(list)
             for r in rs:
                 for row in r["premise_rounds"]:
-                    by_round[row["round"]].extend(100 * g for g in row["gaps"])
+                    by_round[row["round"]].extend(paired_gaps([row]))
             rounds = [{"round": k, "gaps": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if
                        len(v) > 1 else 0.0, "above_0": sum(g > 0 for g in v)} for k, v in sorted(by_round.items())]
             every = [g for row in rounds for g in row["gaps"]]
@@ -226,7 +226,7 @@ def plot_premise_rounds(runs: list[dict], path: Path) -> None:
         ax = fig.add_subplot(1, len(g), i + 1)
         for r in sorted(rs, key=lambda r: r["seed"]):
             rows = r["premise_rounds"]
-            gaps = [[100 * x for x in row["gaps"]] for row in rows]
+            gaps = [paired_gaps([row]) for row in rows]
             ax.errorbar([row["round"] for row in rows], [np.mean(x) for x in gaps],
                         yerr=[np.std(x, ddof=1) if len(x) > 1 else 0 for x in gaps], marker="o", capsize=3,
                         label=f"seed {r['seed']} (mean {np.mean([y for x in gaps for y in x]):+.2f})")

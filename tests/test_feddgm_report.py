@@ -51,8 +51,9 @@ def test_targets_margins_per_seed_and_on_the_mean():
 def test_premise_rounds_pool_the_paired_gaps_of_every_seed_per_round(tmp_path, capsys):
     """The per-round premise: round k's gaps are every run's round-k pairs; the summary over every round is their
     union; the end-of-run premise's pairs are (a) - (b) per training seed."""
-    def rounds(*gaps):
-        return [{"round": k + 1, "gaps": list(g)} for k, g in enumerate(gaps)]
+    def rounds(*gaps):  # each pair as (a) = 0.5 + gap, (b) = 0.5, the way a record holds them
+        return [{"round": k + 1, "gaps": list(g), "distilled": {"accs": [0.5 + x for x in g]},
+                 "initial": {"accs": [0.5] * len(g)}} for k, g in enumerate(gaps)]
 
     p0 = {**_premise(.3, .2, .4), "distilled": {"mean": .3, "accs": [.31, .29]},
           "initial": {"mean": .2, "accs": [.30, .10]}}
