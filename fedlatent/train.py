@@ -108,19 +108,47 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Opt
     return steps
 
 
+def engine_loss(model: nn.Module, engine: str, full_batch: int) -> Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                                                                           torch.Tensor]:
+    """``loss_fn(m, xb, yb)``: :func:`~fedlatent.distill.kernels.student_loss` of ``m`` on a minibatch whose
+    ``backward()`` computes the parameters' gradient with ``engine``: 'autograd' (through the module), or an MTT
+    step-kernel engine (:data:`fedlatent.distill.kernels.ENGINES`, e.g. 'fast': the ConvNet's hand-written
+    backward, :func:`~fedlatent.distill.kernels.kernel_loss`). A model the kernel does not support trains by
+    autograd, and so does a compiled kernel's minibatch of another size than ``full_batch`` (the last, smaller one
+    of an epoch: compiled shapes are static, and one more compilation costs more than that minibatch)."""
+    from .distill.kernels import ConvNetKernel, kernel_loss, make_kernel, student_loss
+    from .models.functional import FlatModel
+
+    def plain(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return student_loss(m(xb), yb)
+
+    if engine == "autograd":
+        return plain
+    kernel = make_kernel(FlatModel(model), engine)
+    if not isinstance(kernel, ConvNetKernel):
+        return plain
+
+    def through_kernel(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if kernel.compiled and xb.shape[0] != full_batch:
+            return plain(m, xb, yb)
+        return kernel_loss(kernel, m, xb, yb)
+
+    return through_kernel
+
+
 def fit_on_set(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, opt: torch.optim.Optimizer, *,
                epochs: int, batch_size: int, augment: Callable[[torch.Tensor, int | None], torch.Tensor] | None,
-               generator: torch.Generator, on_epoch: Callable[[int], None] | None = None) -> float:
+               generator: torch.Generator, on_epoch: Callable[[int], None] | None = None,
+               engine: str = "autograd") -> float:
     """Train ``model`` in place on a small (synthetic) set: ``epochs`` shuffled passes of ``opt`` over
     minibatches, optionally augmented (DSA), with :func:`~fedlatent.distill.kernels.student_loss`
     (hard int labels or soft-label logits); the data go to the model's device and the model's mode is restored.
 
     Behind evaluating a distilled set, DynaFed's server fine-tuning and FedDGM's server training on the pool.
     Shuffles and augmentation seeds come from ``generator``; ``on_epoch(ep)`` runs before each epoch (e.g. an
-    lr decay). Returns the mean minibatch loss (nan when no step was taken).
+    lr decay). ``engine``: how the gradient is computed (:func:`engine_loss`). Returns the mean minibatch loss
+    (nan when no step was taken).
     """
-    from .distill.kernels import student_loss
-
     n = int(x_all.shape[0])
     if epochs <= 0 or n == 0:
         return math.nan
@@ -133,8 +161,9 @@ def fit_on_set(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, opt: 
     def log(loss: torch.Tensor, _n: int) -> None:
         total[0] += float(loss.detach())
 
+    loss_fn = engine_loss(model, engine, min(n, batch_size))
     steps = fit(model, x_all, y_all, opt, epochs=epochs, batch_size=batch_size, generator=generator,
-                loss_fn=lambda m, xb, yb: student_loss(m(xb), yb), augment=augment, on_epoch=on_epoch, on_step=log)
+                loss_fn=loss_fn, augment=augment, on_epoch=on_epoch, on_step=log)
     model.train(was_training)
     return total[0] / steps if steps else math.nan
 
@@ -157,4 +186,4 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "schedule_lr", "fit", "fit_on_set", "evaluate"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "schedule_lr", "fit", "engine_loss", "fit_on_set", "evaluate"]

@@ -55,3 +55,20 @@ def shared_data_root() -> Path:
         if (c / "mnist" / "train.npz").is_file():
             return c
     pytest.skip("offline data folder with mnist/train.npz not found ($FEDLATENT_DATA or ../shared/data)")
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """A C++ compiler that is found but fails at run time: every ``fedlatent.compiling`` compiled call raises (the
+    dispatch then falls back to eager and warns); ``compiling.STATE`` is reset, and restored afterwards."""
+    from fedlatent import compiling
+
+    def broken(fn, name):
+        def run(*a):
+            raise RuntimeError("backend compiler failed (test)")
+        return run
+
+    monkeypatch.setattr(compiling, "compile_unavailable", lambda: None)
+    monkeypatch.setitem(compiling.STATE, "failed", False)
+    monkeypatch.setattr(compiling, "compiled", broken)
+    return compiling

@@ -247,7 +247,8 @@ def test_setup_errors_are_clear(digits16, kw, match):
 
 @pytest.mark.parametrize("kw", [dict(ipc=0), dict(syn_steps=0), dict(lr_img=-1.0), dict(pool="everything"),
                                 dict(batched="sometimes"), dict(classes="present"), dict(space="Z3"),
-                                dict(mtt_engine="turbo")])
+                                dict(mtt_engine="turbo"), dict(render_engine="turbo"), dict(train_engine="turbo"),
+                                dict(client_engine="turbo")])
 def test_bad_options(kw):
     from fedlatent.fl.feddgm import FedDGM
 
@@ -270,6 +271,36 @@ def test_mtt_engine_reaches_the_distillers(digits16):
         outs.append(torch.cat([p.detach().flatten() for p in ds[0].synthetic.parameters()]))
     assert torch.equal(outs[0], outs[1])  # auto is the fp32 ConvNet kernel
     assert not torch.equal(outs[1], outs[2]) and torch.allclose(outs[1], outs[2], rtol=0.05, atol=0.05)
+
+
+def test_render_and_train_engines_reach_the_sets_and_the_server_training(digits16, monkeypatch):
+    """render_engine: 'compiled' compiles every client's LatentSet, 'fast' only where the fast MTT engine compiles
+    (compiling.usable_on), 'eager' never; train_engine is the engine of the server training's fit_on_set,
+    client_engine that of the clients' local_train."""
+    from fedlatent import compiling
+    from fedlatent.fl.methods import feddgm
+
+    seen, clients = [], []
+    real, real_local = feddgm.fit_on_set, feddgm.local_train
+    monkeypatch.setattr(feddgm, "fit_on_set", lambda *a, **kw: seen.append(kw["engine"]) or real(*a, **kw))
+    monkeypatch.setattr(feddgm, "local_train", lambda *a, **kw: clients.append(kw["engine"]) or real_local(*a, **kw))
+    monkeypatch.setattr(compiling, "compile_unavailable", lambda: None)
+    for render, usable, want in (("eager", True, False), ("compiled", False, True), ("fast", True, True),
+                                 ("fast", False, False)):
+        monkeypatch.setattr(compiling, "usable_on", lambda device, u=usable: u)
+        s = feddgm.FedDGM(generator="digits", space="F2", ipc=1, iterations=1, syn_steps=2, surrogate="convnet:width=8",
+                          train_epochs=1, progress=False, save_artifacts=False, batched=False, render_engine=render,
+                          train_engine="convnet")
+        s.setup(_ctx(digits16, clients=2))
+        ds = s.make_distillers(1, _uploads(s, 2))
+        assert all(d.synthetic.compile is want for d in ds), (render, usable)
+    s._distil_and_train(1, _uploads(s, 2), {})  # 'fast' without a compiler: renders eagerly, trains on the pool
+    assert seen == ["convnet"]  # global model = surrogate here: one fit_on_set
+    s.client_engine = "convnet-bf16"
+    from fedlatent.fl.base import ClientData
+
+    s.client_update(s.ctx, 1, 0, s.client_payload(1, 0), ClientData(0, digits16.x_train[:40], digits16.y_train[:40]))
+    assert clients == ["convnet-bf16"]
 
 
 # -- end to end ---------------------------------------------------------------------------------------------

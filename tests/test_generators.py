@@ -132,6 +132,93 @@ def test_chunked_gradient_equals_single_pass(gen, k):
         torch.testing.assert_close(2 * pa.grad, pb.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [-1, 3])
+def test_render_once_is_bitwise_the_re_render(gen, k):
+    """A one-chunk set back-propagates through the graph render() kept: bitwise the gradient of the re-rendering
+    backward (no render() first); latents changed in place after render() make backward re-render from the new
+    values; a second backward (graph used up) accumulates the re-rendered gradient."""
+    g = torch.randn(12, 1, 16, 16, dtype=torch.float64)  # ipc 3 x the generator's 4 classes
+    once = LatentSet.initialize(gen, k, ipc=3, seed=2, chunk_size=64, mean=MEAN, std=STD)
+    twice = LatentSet.initialize(gen, k, ipc=3, seed=2, chunk_size=64, mean=MEAN, std=STD)
+    assert torch.equal(once.render(), twice.render())
+    assert once._graph is not None
+    twice._graph = None  # drop it: twice.backward re-renders
+    once.backward(g)
+    twice.backward(g)
+    for pa, pb in zip(once.parameters(), twice.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    once.backward(g)  # no graph left: re-rendered, accumulated
+    for pa, pb in zip(once.parameters(), twice.parameters()):
+        assert torch.equal(pa.grad, 2 * pb.grad)
+
+    stale = LatentSet.initialize(gen, k, ipc=3, seed=2, chunk_size=64, mean=MEAN, std=STD)
+    fresh = LatentSet.initialize(gen, k, ipc=3, seed=2, chunk_size=64, mean=MEAN, std=STD)
+    stale.render()
+    for a, b in zip(stale.parameters(), fresh.parameters()):
+        with torch.no_grad():
+            a.add_(0.1)
+            b.add_(0.1)
+    stale.backward(g)
+    fresh.backward(g)
+    for pa, pb in zip(stale.parameters(), fresh.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    with pytest.raises(FedLatentError, match="gradient shape"):
+        stale.render()
+        stale.backward(g[:, :, :8])
+
+
+def test_compiled_rendering_errors_and_fallback(gen, monkeypatch, request):
+    """compile=True without a compiler: a one-line FedLatentError naming the cause. A compiler failure at run time:
+    a warning, and bitwise the eager images and gradients."""
+    from fedlatent import compiling
+
+    monkeypatch.setattr(compiling, "compile_unavailable", lambda: "no C++ compiler found (test)")
+    with pytest.raises(FedLatentError, match="compiled rendering needs.*C\\+\\+ compiler"):
+        LatentSet.initialize(gen, 2, ipc=1, seed=0, mean=MEAN, std=STD, compile=True)
+    pixels = LatentSet.initialize(None, "pixel", ipc=1, num_classes=2, channels=1, image_size=8, seed=0, compile=True)
+    assert pixels.compile is False  # nothing to compile
+    monkeypatch.undo()
+    request.getfixturevalue("broken_compiler")
+    a = LatentSet.initialize(gen, 2, ipc=2, seed=1, mean=MEAN, std=STD, compile=True)
+    b = LatentSet.initialize(gen, 2, ipc=2, seed=1, mean=MEAN, std=STD)
+    with pytest.warns(RuntimeWarning, match="generator's rendering failed.*uncompiled"):
+        xa = a.render()
+    assert compiling.STATE["failed"] and torch.equal(xa, b.render())
+    g = torch.randn_like(xa)
+    a.backward(g)
+    b.backward(g)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+@pytest.mark.slow
+def test_compiled_rendering_matches_eager(monkeypatch):
+    """compile=True (torch.compile of the rendering) gives the eager images and latent gradients within float32
+    rounding (rel. 1e-4), renders through the compiled graph (no fallback), and one compiled graph serves two sets."""
+    from fedlatent import compiling
+
+    if compiling.compile_unavailable():
+        pytest.skip(compiling.compile_unavailable())
+    monkeypatch.setitem(compiling.STATE, "failed", False)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    G = as_generator(tiny_generator(dtype=torch.float32, channels=3))
+    g = torch.randn(8, 3, 16, 16)
+    for seed in (0, 1):
+        a = LatentSet.initialize(G, 2, ipc=2, seed=seed, mean=MEAN * 3, std=STD * 3, compile=True)
+        b = LatentSet.initialize(G, 2, ipc=2, seed=seed, mean=MEAN * 3, std=STD * 3)
+        torch.testing.assert_close(a.render(), b.render(), rtol=1e-4, atol=1e-5)
+        b.render()
+        a.backward(g)
+        b.backward(g)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert float((pa.grad - pb.grad).norm() / pb.grad.norm()) < 1e-4
+    assert not compiling.STATE["failed"]
+    assert counters["frames"]["ok"] >= 1  # it really ran compiled (not the eager fallback)
+    assert counters["stats"]["unique_graphs"] == 1  # the second set reused the first one's graph
+
+
 def test_backward_matches_finite_differences(gen):
     """d<g, render(f)>/df_k from backward() vs central differences (float64)."""
     ls = LatentSet.initialize(gen, 2, ipc=1, seed=4, mean=MEAN, std=STD)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedlatent import compiling
 from fedlatent.distill import compiled, mtt
 from fedlatent.distill.augment import DSA
 from fedlatent.distill.distiller import DistillConfig, Distiller, TrajectorySampler
@@ -270,23 +271,16 @@ def test_compiled_kernel_equals_the_plain_kernel():
     assert counters["frames"]["ok"] >= 4  # forward and rop really ran compiled (not the eager fallback)
 
 
-def test_compiled_kernel_errors_and_fallback(monkeypatch):
+def test_compiled_kernel_errors_and_fallback(monkeypatch, request):
     """No compiler: a one-line FedLatentError naming the cause. A compiler failure at run time: a warning and the
     uncompiled kernel's exact results; bad input still raises its own error."""
     flat, start, target, x, y = _problem()
     plan = mtt.make_plan(8, 2, 8, seed=0)
-    monkeypatch.setattr(compiled, "compile_unavailable", lambda: "no C++ compiler found (test)")
+    monkeypatch.setattr(compiling, "compile_unavailable", lambda: "no C++ compiler found (test)")
     with pytest.raises(FedLatentError, match="C\\+\\+ compiler.*-compiled"):
         make_kernel(flat, "convnet-compiled")
-    monkeypatch.setattr(compiled, "compile_unavailable", lambda: None)
-    monkeypatch.setitem(compiled.STATE, "failed", False)
-
-    def broken(fn, name):
-        def fn(*a):
-            raise RuntimeError("backend compiler failed (test)")
-        return fn
-
-    monkeypatch.setattr(compiled, "_compiled", broken)
+    monkeypatch.undo()
+    request.getfixturevalue("broken_compiler")
     with pytest.raises(FedLatentError, match="do not fit"):  # the eager kernel's error, not the compiler's
         mtt.meta_gradient(flat, start, target, x[:, :, :6, :6], y, LOG_LR, plan, engine="convnet-compiled")
     assert not compiled.STATE["failed"]
@@ -296,6 +290,106 @@ def test_compiled_kernel_errors_and_fallback(monkeypatch):
     assert compiled.STATE["failed"]
     assert torch.equal(got.grad_images, ref.grad_images) and got.loss == ref.loss
     assert make_kernel(flat, "convnet-compiled").compiled is False  # later kernels do not try again
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_kernel_loss_is_the_autograd_loss_and_gradient(soft):
+    """kernel_loss (the ConvNet kernel's hand-written backward behind loss.backward()): in float64 the loss and every
+    parameter's gradient equal autograd's through the module to 1e-10 (relative), scaled by the incoming gradient; the
+    images get no gradient."""
+    from fedlatent.distill.kernels import kernel_loss, student_loss
+
+    flat, _, _, x, y = _problem(spec="convnet-d3:width=6", n=8, size=8, soft=soft, seed=4)
+    model = flat.model
+    ref = student_loss(model(x), y)
+    ref_g = torch.autograd.grad(3.0 * ref, list(model.parameters()))
+    x = x.clone().requires_grad_(True)
+    got = kernel_loss(make_kernel(FlatModel(model), "convnet"), model, x, y)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    got_g = torch.autograd.grad(3.0 * got, list(model.parameters()), retain_graph=True)
+    assert all(a.shape == b.shape for a, b in zip(got_g, ref_g))
+    # one relative error over all parameters (a conv bias before a norm has a zero gradient, rounding noise alone)
+    assert _rel(torch.cat([a.flatten() for a in got_g]), torch.cat([b.flatten() for b in ref_g])) < 1e-10
+    assert torch.autograd.grad(got, x, allow_unused=True)[0] is None
+
+
+def test_kernel_loss_in_bf16_stays_within_tolerance():
+    """kernel_loss with bf16 convolutions ('convnet-bf16', float32 model): the parameters' gradient within 5 %
+    relative L2 of fp32 autograd's, the loss within 1 % (the tolerance the server training's 'fast' engine states),
+    and it really ran in bf16 (it differs)."""
+    from fedlatent.distill.kernels import kernel_loss, student_loss
+
+    flat, _, _, x, y = _problem(spec="convnet-d3:width=16", n=32, size=16, seed=6)
+    model = flat.model.float()
+    x = x.float()
+    ref = student_loss(model(x), y)
+    ref_g = torch.cat([g.flatten() for g in torch.autograd.grad(ref, list(model.parameters()))])
+    got = kernel_loss(make_kernel(FlatModel(model), "convnet-bf16"), model, x, y)
+    got_g = torch.cat([g.flatten() for g in torch.autograd.grad(got, list(model.parameters()))])
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-2)
+    assert 1e-5 < _rel(got_g, ref_g) < 0.05, _rel(got_g, ref_g)
+
+
+def test_fit_on_set_with_a_kernel_engine_trains_as_autograd(digits16):
+    """fit_on_set(engine='convnet') trains a ConvNet as autograd does (float64, DSA, momentum: parameters to 1e-9
+    after 3 epochs); a model the kernel does not support (AlexNet) trains by autograd whatever the engine."""
+    from fedlatent.train import fit_on_set
+
+    def trained(spec, engine, dtype):
+        torch.manual_seed(0)
+        m = get_model(spec, 1, 10, 16).to(dtype)
+        init = torch.cat([p.detach().flatten() for p in m.parameters()])
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        fit_on_set(m, digits16.x_train[:48].to(dtype), digits16.y_train[:48].long(), opt, epochs=3, batch_size=16,
+                   augment=DSA(), generator=torch.Generator().manual_seed(1), engine=engine)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]) - init
+
+    for spec, engine, dtype, lo, hi in (("convnet-d3:width=6", "convnet", torch.float64, 0.0, 1e-9),
+                                        ("alexnet", "fast", torch.float64, 0.0, 0.0)):
+        ref, got = trained(spec, "autograd", dtype), trained(spec, engine, dtype)
+        assert ref.abs().max() > 0 and lo <= _rel(got, ref) <= hi, (spec, engine, _rel(got, ref))
+
+
+def test_local_train_with_a_kernel_engine_trains_as_autograd(digits16, monkeypatch):
+    """local_train(engine='convnet'): in float64 the client's parameters equal autograd's to 1e-9 after 2 epochs
+    with a smaller last minibatch, momentum, weight decay and the FedProx term; a compiled kernel takes the full
+    minibatches only (the last one runs by autograd); DP-SGD with a kernel engine is a clear error."""
+    from fedlatent.distill import kernels
+    from fedlatent.fl.client import local_train
+    from fedlatent.train import engine_loss
+
+    x, y = digits16.x_train[:40].double(), digits16.y_train[:40].long()
+
+    def trained(engine):
+        torch.manual_seed(0)
+        m = get_model("convnet-d3:width=6", 1, 10, 16).double()
+        g = {k: v.detach() + 0.01 for k, v in m.named_parameters()}
+        local_train(m, x, y, epochs=2, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, global_params=g,
+                    mu=0.1, generator=torch.Generator().manual_seed(2), engine=engine)
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    ref, got = trained("autograd"), trained("convnet")
+    assert _rel(got, ref) < 1e-9
+
+    sizes = []
+    real_make = kernels.make_kernel
+
+    def compiled_kernel(flat, engine):  # a kernel that says it is compiled (nothing compiles: kernel_loss is a spy)
+        k = real_make(flat, "convnet")
+        k.compiled = True
+        return k
+
+    monkeypatch.setattr(kernels, "make_kernel", compiled_kernel)
+    monkeypatch.setattr(kernels, "kernel_loss", lambda k, m, xb, yb: sizes.append(len(xb)) or
+                        kernels.student_loss(m(xb), yb))
+    m = get_model("convnet-d3:width=6", 1, 10, 16).double()
+    loss_fn = engine_loss(m, "convnet-compiled", 16)
+    for n in (16, 8, 16):
+        loss_fn(m, x[:n], y[:n])
+    assert sizes == [16, 16]
+    with pytest.raises(FedLatentError, match="DP-SGD.*'autograd'"):
+        local_train(m, x, y, epochs=1, lr=0.1, batch_size=16, generator=torch.Generator(), privacy=object(),
+                    engine="fast")
 
 
 def test_other_models_use_the_autograd_kernel():
@@ -490,7 +584,7 @@ def test_fast_engine_picks_by_device_and_machine(monkeypatch):
                                                  (False, None, False, "convnet-compiled", None),
                                                  (True, None, True, "convnet", None),
                                                  (True, "no C++ compiler found (test)", False, "convnet", None)):
-        monkeypatch.setattr(compiled, "compile_unavailable", lambda u=unavailable: u)
+        monkeypatch.setattr(compiling, "compile_unavailable", lambda u=unavailable: u)
         monkeypatch.setitem(compiled.STATE, "failed", failed)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b, raising=False)
         assert compiled.fast_engine("cpu") == want and compiled.fast_engine("cuda:0") == "convnet"

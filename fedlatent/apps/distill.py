@@ -90,7 +90,9 @@ class Preset:
 #: 30 moves them 13-21 % and the pool beats its initialisation, at the same final accuracy (RESULTS.md, 2026-12-02).
 #: On the committed generator (run 4) 30 again beats 10, 100 and 50 iterations on the pool-vs-initial premise
 #: (RESULTS.md, "The pool against its initial latents").
-#: MTT engine 'fast' (bf16 convolutions + torch.compile where the CPU has them; RESULTS.md, "The cell's engine").
+#: Engines 'fast' for the MTT, the generator's rendering, the server training and the clients' local training
+#: (bf16 convolutions + torch.compile where the CPU has them, else the plain engines; RESULTS.md, "The cell's
+#: engine" and "The rest of the cell through the fast engines").
 #: Each is a pair of config instances; :meth:`Preset.differences` lists where it differs from the defaults
 #: (``fedlatent methods feddgm`` prints that).
 PRESETS: dict[str, Preset] = {
@@ -105,7 +107,8 @@ PRESETS: dict[str, Preset] = {
                  batch_size=64, partition="dirichlet", alpha=0.01, model="convnet-d3:width=32"),
         FedDGMConfig(ipc=2, iterations=20, syn_steps=8, lr_img=30.0, lr_w=1.0, lr_lr=1e-5, lr_teacher=0.01,
                      surrogate="convnet-d3:width=32", train_epochs=100, train_batch=256, train_momentum=0.9,
-                     train_weight_decay=5e-4, dsa_strategy="color_crop_cutout_flip_scale_rotate", mtt_engine="fast")),
+                     train_weight_decay=5e-4, dsa_strategy="color_crop_cutout_flip_scale_rotate", mtt_engine="fast",
+                     render_engine="fast", train_engine="fast", client_engine="fast")),
     "paper": Preset(
         FLConfig(clients=10, participation=1.0, rounds=20, local_epochs=20, lr=0.01, momentum=0.0, weight_decay=0.0,
                  batch_size=256, partition="dirichlet", alpha=0.5, model="convnet-d5:width=128"),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compiling
 from ..errors import FedLatentError
 from ..models.functional import FlatModel
 from . import compiled
@@ -126,11 +127,11 @@ class ConvNetKernel:
         self.cdt = conv_dtype
         # torch.compile'd forward / rop (shared by every kernel: same architecture and shapes, no recompilation)
         if compile:
-            reason = compiled.compile_unavailable()
+            reason = compiling.compile_unavailable()
             if reason is not None:
                 raise FedLatentError(f"the compiled ConvNet kernel needs torch.compile with a C++ compiler: {reason} "
                                      f"(use the engine without '-compiled')")
-        self.compiled = bool(compile) and not compiled.STATE["failed"]
+        self.compiled = bool(compile) and not compiling.STATE["failed"]
 
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.cdt is None or self.cdt == x.dtype:
@@ -257,8 +258,9 @@ class ConvNetKernel:
     # -- compiled dispatch -------------------------------------------------------------------------
     def forward(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keep: bool,
                 need_grad: bool = True, lean: bool = False):
-        """Loss, flat gradient and (``keep``) the tensors the R-operator needs (see :meth:`_forward`)."""
-        return self._run("_forward", theta, x, labels, keep, need_grad, lean)
+        """Loss, flat gradient and (``keep``) the tensors the R-operator needs (see :meth:`_forward`). ``x`` is made
+        contiguous first (augmentations return either layout; a compiled kernel would compile once per layout)."""
+        return self._run("_forward", theta, x.contiguous(), labels, keep, need_grad, lean)
 
     def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
         """``(H u, (d g / d x)^T u, d s / d label_logits)`` (see :meth:`_rop`)."""
@@ -471,6 +473,38 @@ def _convnet_forward():
     return ConvNet.forward
 
 
+class _KernelLoss(torch.autograd.Function):
+    """A module's student loss through a step kernel: the forward is the kernel's loss at the module's current
+    parameters, the backward hands the kernel's flat gradient ``g`` (times the incoming gradient) to the parameters,
+    which ``loss.backward()`` would compute by autograd."""
+
+    @staticmethod
+    def forward(ctx, kernel, x, labels, *params):
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+        loss, g, _ = kernel.forward(theta, x.detach(), labels.detach(), keep=False)
+        ctx.save_for_backward(g)
+        ctx.shapes = [p.shape for p in params]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        g = g * grad
+        outs, i = [], 0
+        for sh in ctx.shapes:
+            k = sh.numel()
+            outs.append(g[i: i + k].view(sh))
+            i += k
+        return (None, None, None, *outs)
+
+
+def kernel_loss(kernel: "ConvNetKernel", model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`student_loss` of ``model`` on ``(x, labels)`` whose ``backward()`` takes the gradient from ``kernel``
+    (a :class:`ConvNetKernel` of this model: the hand-written backward, optionally compiled / bf16) instead of
+    autograd; ``x`` gets no gradient. The training loop's shortcut (:func:`fedlatent.train.fit_on_set` ``engine``)."""
+    return _KernelLoss.apply(kernel, x, labels, *model.parameters())
+
+
 #: ConvNet engine name -> (the convolutions' operand dtype (None: the inputs' dtype), torch.compile'd)
 CONVNET_ENGINES = {"convnet": (None, False), "convnet-bf16": (torch.bfloat16, False),
                    "convnet-compiled": (None, True), "convnet-bf16-compiled": (torch.bfloat16, True)}
@@ -497,4 +531,4 @@ def make_kernel(flat: FlatModel, engine: str = "auto"):
     return AutogradKernel(flat)
 
 
-__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "ENGINES"]
+__all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "kernel_loss", "ENGINES"]

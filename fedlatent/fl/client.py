@@ -13,10 +13,10 @@ import math
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..train import evaluate, fit  # noqa: F401 - evaluate re-exported (old path)
+from ..errors import FedLatentError
+from ..train import engine_loss, evaluate, fit  # noqa: F401 - evaluate re-exported (old path)
 from ..utils import torch_generator
 from .aggregate import fedprox_term
 from .base import ClientData, FLContext, TensorDict, Upload
@@ -36,6 +36,7 @@ def local_train(
     global_params: Mapping[str, torch.Tensor] | None = None,
     mu: float = 0.0,
     privacy: object | None = None,
+    engine: str = "autograd",
 ) -> dict[str, float]:
     """Train ``model`` in place on (x, y) with mini-batch SGD; returns {"train_loss", "steps"}.
 
@@ -43,9 +44,14 @@ def local_train(
     ``global_params`` maps parameter names to w_g). Weight decay is SGD's L2 term. The batch order of
     every epoch is ``torch.randperm`` drawn from ``generator`` (a CPU generator), the last batch may be
     smaller. ``train_loss`` is the mean cross-entropy over all samples seen (prox term excluded).
-    ``privacy`` (a :class:`fedlatent.privacy.dp.ClientPrivacy`) makes it DP-SGD instead.
+    ``privacy`` (a :class:`fedlatent.privacy.dp.ClientPrivacy`) makes it DP-SGD instead. ``engine``: how the
+    cross-entropy's gradient is computed (:func:`fedlatent.train.engine_loss`: 'autograd', or an MTT kernel engine
+    such as 'fast', bf16 convolutions + torch.compile for a ConvNet); DP-SGD needs 'autograd'.
     """
     if privacy is not None:
+        if engine != "autograd":
+            raise FedLatentError(f"DP-SGD computes per-sample gradients by autograd: the client engine must be "
+                                 f"'autograd', got {engine!r}")
         from ..privacy.dp import dp_local_train
 
         return dp_local_train(model, x, y, privacy=privacy, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -63,8 +69,10 @@ def local_train(
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     acc = {"loss_sum": 0.0, "seen": 0}
 
+    cross_entropy = engine_loss(model, engine, min(n, batch_size))
+
     def objective(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
-        ce = F.cross_entropy(m(xb), yb)
+        ce = cross_entropy(m, xb, yb)
         return (ce if prox is None else ce + fedprox_term(prox[0], prox[1], mu)), ce
 
     def log(ce: torch.Tensor, nb: int) -> None:

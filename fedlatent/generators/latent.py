@@ -19,7 +19,12 @@ Rendering maps the generator's output range to [0, 1] and then to the distiller'
 Memory is bounded by ``chunk_size``: :meth:`LatentSet.render` runs chunks without autograd, and
 :meth:`LatentSet.backward` re-renders each chunk with autograd from detached copies of its latents and
 back-propagates that chunk's slice of ``d loss / d images`` (GLaD's ``gan_backward``); the accumulated gradient
-equals that of a single pass over all images. The generator is a fixed prior: its parameters get no gradient.
+equals that of a single pass over all images. A set that fits in one chunk is rendered once per iteration
+instead: :meth:`LatentSet.render` keeps that chunk's autograd graph (one chunk's graph, the memory the re-render
+would take) and :meth:`LatentSet.backward` back-propagates through it while the latents are unchanged -- the same
+operations on the same values, so bitwise the same gradient, without the second generator pass. The generator
+is a fixed prior: its parameters get no gradient. ``compile=True`` renders through ``torch.compile``
+(:mod:`fedlatent.compiling`; within float32 rounding of the eager renderer, not bitwise).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import compiling
 from ..data import normalize
 from ..utils import FedLatentError, torch_generator
 from .base import Generator
@@ -76,8 +82,14 @@ class LatentSet:
     def __init__(self, generator: Generator | None, space: str | int, labels: torch.Tensor, *,
                  ws: torch.Tensor | None = None, f: torch.Tensor | None = None, images: torch.Tensor | None = None,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), chunk_size: int = 64,
-                 image_size: int | None = None, gen_classes: Sequence[int] | None = None):
+                 image_size: int | None = None, gen_classes: Sequence[int] | None = None, compile: bool = False):
         self.k = parse_space(space)
+        if compile and self.k != PIXEL:
+            reason = compiling.compile_unavailable()
+            if reason is not None:
+                raise FedLatentError(f"compiled rendering needs torch.compile with a C++ compiler: {reason}")
+        self.compile = bool(compile) and self.k != PIXEL
+        self._graph: tuple | None = None  # (inputs, images, latents' versions) of the last one-chunk render
         self.G = generator
         self.labels = torch.as_tensor(labels).long().detach().clone()
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -126,7 +138,7 @@ class LatentSet:
                    clip: float | None = 10.0, mean_w_samples: int = 1000, chunk_size: int = 64,
                    image_size: int | None = None, gen_classes: Sequence[int] | None = None,
                    channels: int | None = None, truncation_psi: float = 1.0,
-                   labels: torch.Tensor | None = None) -> "LatentSet":
+                   labels: torch.Tensor | None = None, compile: bool = False) -> "LatentSet":
         """Per-class initialisation (GLaD ``prepare_latents``): ``ipc`` images for each class, or one image per
         entry of ``labels`` (class indices) when given.
 
@@ -196,7 +208,7 @@ class LatentSet:
                 if clip is not None:
                     f = f.clamp(-clip, clip)
         ls = cls(generator, k, labels, ws=ws, f=f, mean=mean, std=std, chunk_size=chunk_size,
-                 image_size=image_size, gen_classes=gen_classes)
+                 image_size=image_size, gen_classes=gen_classes, compile=compile)
         ls.z_init = z_init
         return ls
 
@@ -234,6 +246,11 @@ class LatentSet:
             yield slice(i, min(n, i + self.chunk_size))
 
     def _render_chunk(self, ws: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
+        if self.compile:
+            return compiling.call(LatentSet._render_eager, "LatentSet.render", (self, ws, f), "the generator's rendering")
+        return self._render_eager(ws, f)
+
+    def _render_eager(self, ws: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor:
         G = self.G
         img = G.synthesis(ws) if self.k == WPLUS else G.from_f(f, ws, self.k)
         x01 = G.to_unit(img)
@@ -242,10 +259,21 @@ class LatentSet:
                                 antialias=self.image_size < x01.shape[-1])
         return normalize(x01, self.mean, self.std)
 
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.parameters())
+
     def render(self) -> torch.Tensor:
-        """All images, detached, in the distiller's normalised input space (chunked, no autograd)."""
+        """All images, detached, in the distiller's normalised input space (chunked, no autograd; a one-chunk set
+        keeps its graph for :meth:`backward`, see the module docstring)."""
+        self._graph = None
         if self.k == PIXEL:
             return self.images.detach()
+        if len(self) <= self.chunk_size:
+            inputs = [t.detach().requires_grad_(True) for t in self.parameters()]
+            with torch.enable_grad():
+                img = self._render_chunk(inputs[0], inputs[1] if len(inputs) > 1 else None)
+            self._graph = (inputs, img, self._versions())
+            return img.detach()
         with torch.no_grad():
             return torch.cat([self._render_chunk(self.ws[s], None if self.f is None else self.f[s])
                               for s in self._slices()])
@@ -259,6 +287,16 @@ class LatentSet:
             if grad_images.shape != self.images.shape:
                 raise FedLatentError(f"gradient shape {tuple(grad_images.shape)} != images {tuple(self.images.shape)}")
             _accumulate(self.images, slice(0, n), grad_images.detach().to(self.images))
+            return
+        graph, self._graph = self._graph, None
+        if graph is not None and graph[2] == self._versions():  # rendered by render(), latents unchanged since
+            inputs, img, _ = graph
+            if img.shape != grad_images.shape:
+                raise FedLatentError(f"gradient shape {tuple(grad_images.shape[1:])} != rendered images "
+                                     f"{tuple(img.shape[1:])}")
+            grads = torch.autograd.grad(img, inputs, grad_outputs=grad_images.detach().to(img), allow_unused=True)
+            for p, g in zip(self.parameters(), grads):
+                _accumulate(p, slice(0, n), g)
             return
         for s in self._slices():
             ws = self.ws[s].detach().requires_grad_(True)

@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ... import compiling
 from ...artifacts import DISTILLED_FILE, GRID_PATTERN
 from ...artifacts.grids import save_class_grid
 from ...distill.augment import DEFAULT_STRATEGY, DSA, parse_strategy
@@ -121,8 +122,12 @@ class FedDGMConfig:
     mtt_engine: str = "auto"
     """MTT engine (:data:`fedlatent.distill.kernels.ENGINES`): 'auto' (fp32 ConvNet kernel), 'fast' (bf16 convs +
     torch.compile where the CPU has them: within the stated tolerance of fp32, not bitwise) or a named one."""
+    render_engine: str = "eager"
+    """The generator's rendering: 'eager', 'compiled' (``torch.compile``: within float32 rounding of eager, not
+    bitwise; the first render compiles for ~20 s) or 'fast' (compiled where the 'fast' MTT engine compiles, else
+    eager)."""
     chunk_size: int = 64
-    """Images rendered per generator call (memory)."""
+    """Images rendered per generator call (memory); a set of at most this many renders once per iteration."""
     surrogate: str = "convnet"
     """The buffer-free ConvNet the clients train and the server matches (any ConvNet spec, e.g.
     ``convnet:width=32``); the global model is FLConfig ``model``. Deviation: ``convnet`` picks its depth from the
@@ -145,6 +150,14 @@ class FedDGMConfig:
     """Server training minibatch size (reference: ``--batch_train`` 256 in its CIFAR-10 command)."""
     train_dsa: bool = True
     """DSA during server training (reference: ``epoch_global(..., aug=args.dsa)``, dsa True)."""
+    train_engine: str = "autograd"
+    """Server training's gradient (:func:`fedlatent.train.fit_on_set`): 'autograd', or an MTT kernel engine (the
+    hand-written ConvNet backward; 'fast': bf16 convolutions + torch.compile where the CPU has them, each step's
+    gradient within 5 % relative L2 of fp32 autograd's, not bitwise)."""
+    client_engine: str = "autograd"
+    """The clients' local training gradient (:func:`fedlatent.fl.client.local_train` ``engine``): 'autograd', or an
+    MTT kernel engine ('fast': bf16 convolutions + torch.compile where the CPU has them, the tolerance of
+    ``train_engine``). A simulation speed setting: the uploads stay start / end parameters."""
     pool: str = "round"
     """Which distilled sets train the global model: this round's ('round', as the reference) or all rounds' ('all')."""
     batched: bool | str = "auto"
@@ -187,7 +200,9 @@ class FedDGMConfig:
         for name in ("soft_labels", "warm_start", "dsa", "train_dsa", "progress", "save_artifacts"):
             setattr(self, name, bool(getattr(self, name)))
         for name, allowed in (("init", ("random", "mean_w")), ("mtt_mode", ("exact", "unrolled")),
-                              ("mtt_engine", ENGINES), ("pool", ("round", "all")), ("train_schedule", LR_SCHEDULES),
+                              ("mtt_engine", ENGINES), ("train_engine", ENGINES), ("client_engine", ENGINES),
+                              ("render_engine", ("eager", "compiled", "fast")),
+                              ("pool", ("round", "all")), ("train_schedule", LR_SCHEDULES),
                               ("batched", (True, False, "auto", "grouped", "threads")), ("classes", ("all", "inferred"))):
             if getattr(self, name) not in allowed:
                 raise FedLatentError(f"{own}: {name} must be one of {', '.join(map(repr, allowed))}, got "
@@ -285,7 +300,8 @@ class FedDGM(Strategy):
         metrics = local_train(model, data.x, data.y, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               generator=torch_generator(cfg.seed, "client", rnd, data.client_id),
-                              privacy=_privacy(ctx, data.client_id))  # DP-SGD with FLConfig.dp (fedlatent.privacy.dp)
+                              privacy=_privacy(ctx, data.client_id),  # DP-SGD with FLConfig.dp (fedlatent.privacy.dp)
+                              engine=self.client_engine)
         return Upload(client_id=data.client_id, tensors={"start": start.clone(), "end": flat.flatten()},
                       num_samples=len(data), metrics=metrics)
 
@@ -315,8 +331,12 @@ class FedDGM(Strategy):
             return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
         ls = LatentSet.initialize(self.G, self.space, self.ipc, num_classes=ctx.num_classes, seed=seed, init=self.init,
                                   mean=ctx.mean, std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size,
-                                  labels=classes)
+                                  labels=classes, compile=self._compiled_render())
         return ls, labels, torch.optim.SGD(ls.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
+
+    def _compiled_render(self) -> bool:
+        fast = self.render_engine == "fast" and compiling.usable_on(self.ctx.device)
+        return self.render_engine == "compiled" or fast
 
     def initial_synthetic(self, rnd: int, client_id: int, classes: torch.Tensor | None = None):
         """The synthetic set a client's distillation starts from in round ``rnd`` (seeded by (seed, round, client);
@@ -357,7 +377,8 @@ class FedDGM(Strategy):
             return syn, labels, torch.optim.SGD(syn.parameters(), lr=self.lr_img, momentum=self.momentum)
         f = None if prev["f_k"] is None else prev["f_k"].to(dev)
         syn = LatentSet(self.G, self.space, class_indices(prev["labels"]), ws=prev["ws"].to(dev), f=f, mean=ctx.mean,
-                        std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size)
+                        std=ctx.std, chunk_size=self.chunk_size, image_size=ctx.image_size,
+                        compile=self._compiled_render())
         return syn, labels, torch.optim.SGD(syn.param_groups(self.lr_w, self.lr_img, self.momentum), lr=self.lr_w)
 
     def _remember(self, rnd: int, sets: Sequence[DistilledSet], uploads: Sequence[Upload]) -> None:
@@ -485,7 +506,8 @@ class FedDGM(Strategy):
             train_loss[name] = fit_on_set(m, self.pool.images, self.pool.labels, opt, epochs=self.train_epochs,
                                           batch_size=self.train_batch, augment=aug,
                                           generator=torch_generator(self.ctx.config.seed, "feddgm", "train", rnd, name),
-                                          on_epoch=schedule_lr(opt, self.train_schedule, self.train_epochs))
+                                          on_epoch=schedule_lr(opt, self.train_schedule, self.train_epochs),
+                                          engine=self.train_engine)
         return train_loss
 
     def attach_runner(self, client_map: Callable[[Callable, Sequence[tuple]], list]) -> None:
