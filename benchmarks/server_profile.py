@@ -6,7 +6,8 @@ width 32 surrogate, built-in generator, CPU preset: ipc 2, 8 syn_steps, DSA) on 
 * render forward (``synthetic.render``),
 * student unroll (the N forward+gradient steps of MTT eq. 1),
 * adjoint backward (recompute + R-operator per step, augmentation backward),
-* render backward (``synthetic.backward``: generator re-render with autograd, latent gradient),
+* render backward (``synthetic.backward``: back through the generator to the latents; a one-chunk set keeps
+  its render graph, so this is the backward pass alone and the forward builds the graph),
 * optimiser step,
 
 for the looped path (client after client) and the batched (grouped) path, interleaved, repeated; then one
@@ -58,7 +59,8 @@ def build(a):
     gen = default_generator(data.name)
     cfg = FLConfig(clients=a.clients, model=a.model, seed=0, device="cpu").check()
     s = FedDGM(generator=gen, surrogate=a.model, progress=False, save_artifacts=False, ipc=a.ipc,
-               syn_steps=a.syn_steps, lr_img=100.0, dsa_strategy="color_crop_cutout_scale_rotate")
+               syn_steps=a.syn_steps, lr_img=100.0, dsa_strategy="color_crop_cutout_scale_rotate",
+               mtt_engine=a.engine, mtt_mode=a.mode, render_engine=a.render_engine, train_engine=a.train_engine)
     ups = server_on_uploads(s, data, cfg)
     return s, ups, gen
 
@@ -126,11 +128,12 @@ def profile_train(s, epochs: int):
     x = torch.randn(n, s.ctx.channels, s.ctx.image_size, s.ctx.image_size)
     y = torch.arange(s.ctx.num_classes).repeat(n // s.ctx.num_classes)
     aug = DSA(s.dsa_strategy, siamese=False)
-    t = time.perf_counter()
     opt = torch.optim.SGD(s.model.parameters(), lr=s.train_lr, momentum=s.train_momentum,
                           weight_decay=s.train_weight_decay)
-    fit_on_set(s.model, x, y, opt, epochs=epochs, batch_size=s.train_batch, augment=aug,
-               generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=s.train_batch, augment=aug, generator=torch.Generator().manual_seed(0), engine=s.train_engine)
+    fit_on_set(s.model, x, y, opt, epochs=1, **kw)  # warm-up (a compiled engine compiles here)
+    t = time.perf_counter()
+    fit_on_set(s.model, x, y, opt, epochs=epochs, **kw)
     return (time.perf_counter() - t) / epochs
 
 
@@ -144,6 +147,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-epochs", type=int, default=10, help="server epochs timed per repeat")
     p.add_argument("--paths", default="looped,batched", help="which client paths to time [%(default)s]")
+    p.add_argument("--engine", default="auto", help="FedDGM's mtt_engine [%(default)s; the cifar10-cpu preset: fast]")
+    p.add_argument("--mode", default="exact", help="FedDGM's mtt_mode [%(default)s]")
+    p.add_argument("--render-engine", default="eager", help="FedDGM's render_engine [%(default)s; the preset: fast]")
+    p.add_argument("--train-engine", default="autograd", help="FedDGM's train_engine [%(default)s; the preset: fast]")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "server_profile.json"))
     a = p.parse_args()
