@@ -78,7 +78,7 @@ def _configure_compile(mode: str | None, opts: dict) -> None:
     """torch.compile mode and inductor options of the compiled ConvNet kernel (this worker process only)."""
     import torch._inductor.config as ic
 
-    from fedlatent.distill import compiled
+    from fedlatent import compiling
 
     for k, v in opts.items():
         obj, name = ic, k
@@ -87,7 +87,7 @@ def _configure_compile(mode: str | None, opts: dict) -> None:
             obj = getattr(obj, head)
         setattr(obj, name, v)
     if mode is not None:
-        compiled.COMPILE_OPTIONS["mode"] = mode
+        compiling.COMPILE_OPTIONS["mode"] = mode
 
 
 def worker(a: argparse.Namespace) -> None:

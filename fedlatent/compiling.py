@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from .errors import FedLatentError
+
 #: keyword arguments of the ``torch.compile`` calls (set before the first compiled call to change them)
 COMPILE_OPTIONS: dict = {"dynamic": False}
 _COMPILED: dict = {}
@@ -33,6 +35,13 @@ def compile_unavailable() -> str | None:
     if shutil.which(cxx) is None and not os.path.exists(cxx):
         return f"C++ compiler {cxx!r} not found"
     return None
+
+
+def require(what: str, advice: str = "") -> None:
+    """A one-line :class:`FedLatentError` when ``what`` (e.g. 'the compiled ConvNet kernel') cannot compile here."""
+    reason = compile_unavailable()
+    if reason is not None:
+        raise FedLatentError(f"{what} needs torch.compile with a C++ compiler: {reason}{advice}")
 
 
 def usable_on(device: torch.device | str) -> bool:
@@ -67,4 +76,4 @@ def call(fn, name: str, args: tuple, what: str):
         return out
 
 
-__all__ = ["COMPILE_OPTIONS", "STATE", "compile_unavailable", "usable_on", "compiled", "call"]
+__all__ = ["COMPILE_OPTIONS", "STATE", "compile_unavailable", "require", "usable_on", "compiled", "call"]

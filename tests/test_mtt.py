@@ -251,8 +251,8 @@ def test_compiled_kernel_equals_the_plain_kernel():
     """engine 'convnet-compiled' (ConvNetKernel.forward / .rop under torch.compile): in float64 the exact and the
     unrolled meta-gradients equal the uncompiled kernel's to 1e-10 (inductor only reorders sums): exact mode with
     hard labels, unrolled mode (the lean cache) with soft labels."""
-    if compiled.compile_unavailable():
-        pytest.skip(compiled.compile_unavailable())
+    if compiling.compile_unavailable():
+        pytest.skip(compiling.compile_unavailable())
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -261,7 +261,7 @@ def test_compiled_kernel_equals_the_plain_kernel():
         args = (flat, start, target, x, y, LOG_LR, mtt.make_plan(8, 3, 8, seed=1), DSA(siamese=False))
         ref = mtt.meta_gradient(*args, mode=mode, engine="convnet")
         got = mtt.meta_gradient(*args, mode=mode, engine="convnet-compiled")
-        assert not compiled.STATE["failed"]
+        assert not compiling.STATE["failed"]
         assert got.loss == pytest.approx(ref.loss, rel=1e-12)
         assert _rel(got.grad_images, ref.grad_images) < 1e-10
         assert float(got.grad_log_lr) == pytest.approx(float(ref.grad_log_lr), rel=1e-10)
@@ -283,11 +283,11 @@ def test_compiled_kernel_errors_and_fallback(monkeypatch, request):
     request.getfixturevalue("broken_compiler")
     with pytest.raises(FedLatentError, match="do not fit"):  # the eager kernel's error, not the compiler's
         mtt.meta_gradient(flat, start, target, x[:, :, :6, :6], y, LOG_LR, plan, engine="convnet-compiled")
-    assert not compiled.STATE["failed"]
+    assert not compiling.STATE["failed"]
     ref = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), engine="convnet")
     with pytest.warns(RuntimeWarning, match="backend compiler failed.*uncompiled"):
         got = mtt.meta_gradient(flat, start, target, x, y, LOG_LR, plan, DSA(), engine="convnet-compiled")
-    assert compiled.STATE["failed"]
+    assert compiling.STATE["failed"]
     assert torch.equal(got.grad_images, ref.grad_images) and got.loss == ref.loss
     assert make_kernel(flat, "convnet-compiled").compiled is False  # later kernels do not try again
 
@@ -585,7 +585,7 @@ def test_fast_engine_picks_by_device_and_machine(monkeypatch):
                                                  (True, None, True, "convnet", None),
                                                  (True, "no C++ compiler found (test)", False, "convnet", None)):
         monkeypatch.setattr(compiling, "compile_unavailable", lambda u=unavailable: u)
-        monkeypatch.setitem(compiled.STATE, "failed", failed)
+        monkeypatch.setitem(compiling.STATE, "failed", failed)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b, raising=False)
         assert compiled.fast_engine("cpu") == want and compiled.fast_engine("cuda:0") == "convnet"
         k = make_kernel(flat, "fast")  # never an error: 'fast' degrades, an explicit '-compiled' engine raises

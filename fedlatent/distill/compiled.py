@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import compiling
-from ..compiling import COMPILE_OPTIONS, STATE, call, compile_unavailable
 
-__all__ = ["COMPILE_OPTIONS", "STATE", "compile_unavailable", "fast_engine", "run"]
+__all__ = ["fast_engine", "run"]
 
 
 def fast_engine(device: torch.device | str) -> str:
@@ -26,4 +25,4 @@ def fast_engine(device: torch.device | str) -> str:
 def run(kernel, fn, name: str, args: tuple):
     """``fn(kernel, *args)`` compiled (``ConvNetKernel._forward`` / ``._rop``), the eager result and a warning when
     compilation fails (:func:`fedlatent.compiling.call`)."""
-    return call(fn, name, (kernel, *args), "the ConvNet kernel")
+    return compiling.call(fn, name, (kernel, *args), "the ConvNet kernel")

@@ -127,10 +127,7 @@ class ConvNetKernel:
         self.cdt = conv_dtype
         # torch.compile'd forward / rop (shared by every kernel: same architecture and shapes, no recompilation)
         if compile:
-            reason = compiling.compile_unavailable()
-            if reason is not None:
-                raise FedLatentError(f"the compiled ConvNet kernel needs torch.compile with a C++ compiler: {reason} "
-                                     f"(use the engine without '-compiled')")
+            compiling.require("the compiled ConvNet kernel", " (use the engine without '-compiled')")
         self.compiled = bool(compile) and not compiling.STATE["failed"]
 
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -85,9 +85,7 @@ class LatentSet:
                  image_size: int | None = None, gen_classes: Sequence[int] | None = None, compile: bool = False):
         self.k = parse_space(space)
         if compile and self.k != PIXEL:
-            reason = compiling.compile_unavailable()
-            if reason is not None:
-                raise FedLatentError(f"compiled rendering needs torch.compile with a C++ compiler: {reason}")
+            compiling.require("compiled rendering")
         self.compile = bool(compile) and self.k != PIXEL
         self._graph: tuple | None = None  # (inputs, images, latents' versions) of the last one-chunk render
         self.G = generator
