@@ -15,10 +15,10 @@ from fedlatent.utils import FedLatentError
 @click.option("--preset", type=click.Choice(["cpu", "cifar10-cpu", "paper"]), default="cpu", show_default=True,
               help="cpu: digits-scale run for a laptop (5 clients, 3 rounds, ConvNet width 16, ipc 2, 20 iterations "
                    "of 8 syn_steps, lr_img 10); cifar10-cpu: the CIFAR-10 benchmark cell (10 clients, Dirichlet "
-                   "0.01, 10 rounds, ConvNet-D3 width 32, lr_img 100, full DSA); paper: the FedDGM reference recipe for "
-                   "GPUs (10 clients, Dirichlet 0.5, 20 rounds of 20 local epochs, ConvNet-D5 width 128, ipc 10, 100 "
-                   "iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5; server: plain SGD lr 0.01, 1000 "
-                   "epochs, full DSA). "
+                   "0.01, 10 rounds, ConvNet-D3 width 32, lr_img 30, full DSA, the fast engines); paper: the FedDGM "
+                   "reference recipe for GPUs (10 clients, Dirichlet 0.5, 20 rounds of 20 local epochs, ConvNet-D5 "
+                   "width 128, ipc 10, 100 iterations of 20 syn_steps, lr_img 1000, lr_w 1, lr_lr 1e-5; server: "
+                   "plain SGD lr 0.01, 1000 epochs, full DSA). "
                    "Every option below overrides the preset (`fedlatent methods feddgm` lists what each preset sets).")
 @data_options()
 @fl_options(None, "[default: the preset's]")

@@ -48,6 +48,24 @@ def test_layouts(res, layers):
     assert G.num_parameters() <= 1_500_000
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (1, 2, 5, 3), (2, 1, 1, 2), (1, 1, 1, 1)])
+def test_upsampling_backward_is_the_interpolation_adjoint(shape):
+    """The dense backward that compiled rendering uses for 2x bilinear upsampling (builtin._Upsample2x) equals
+    F.interpolate's own in float64 (the adjoint of the same linear map), at odd, one-pixel and non-square sizes;
+    its forward is F.interpolate itself."""
+    from fedlatent.generators.builtin import _Upsample2x, upsample2x
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    got = _Upsample2x.apply(x)
+    assert torch.equal(got, want) and torch.equal(upsample2x(x), want)
+    g = torch.randn_like(want)
+    (gw,) = torch.autograd.grad(want, x, g)
+    (gg,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(gg, gw, rtol=0, atol=1e-13)
+    assert gw.abs().sum() > 0
+
+
 def test_modulated_conv_equals_grouped_weight_form():
     """StyleGAN2 Eq. 1-3: per-sample modulated + demodulated weights, applied as a grouped convolution."""
     torch.manual_seed(1)

@@ -160,6 +160,11 @@ def test_convnet_kernel_matches_autograd_kernel(spec, soft):
     hl, xl, _ = C.rop(C.forward(start, x, y, keep=True, lean=True)[2], u)  # lean cache: recomputes dn, dz
     assert _rel(hl, ha) < 1e-10 and _rel(xl, xa) < 1e-10
     assert C.rop(C.forward(start, x, y, keep=True, need_grad=False)[2], u, need_theta=False)[0] is None
+    for K in (A, C):  # the adjoint walk's fused recompute + R-operator is exactly rop(forward(keep=True))
+        for need in (True, False):
+            ref = K.rop(K.forward(start, x, y, keep=True, need_grad=False)[2], u, need_theta=need)
+            got = K.recompute_rop(start, x, y, u, need_theta=need)
+            assert all((r is None and g is None) or torch.equal(r, g) for r, g in zip(ref, got))
     # Hu is the Hessian-vector product: compare with a finite difference of gradients
     eps = 1e-6
     gp = C.forward(start + eps * u, x, y, keep=False)[1]

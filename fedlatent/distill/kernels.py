@@ -81,6 +81,11 @@ class AutogradKernel:
         dy = grads.pop(0) if soft else None
         return hu, dx, dy
 
+    def recompute_rop(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, u: torch.Tensor,
+                      need_theta: bool = True):
+        """:meth:`rop` at a recomputed step: ``rop(forward(theta, x, labels, keep=True)[2], u)``."""
+        return self.rop(self.forward(theta, x, labels, keep=True, need_grad=False)[2], u, need_theta)
+
 
 # ------------------------------------------------------------------------------------------------
 # Hand-written ConvNet kernel
@@ -262,6 +267,15 @@ class ConvNetKernel:
     def rop(self, cache, u: torch.Tensor, need_theta: bool = True):
         """``(H u, (d g / d x)^T u, d s / d label_logits)`` (see :meth:`_rop`)."""
         return self._run("_rop", cache, u, need_theta)
+
+    def recompute_rop(self, theta: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, u: torch.Tensor,
+                      need_theta: bool = True):
+        """:meth:`rop` at a recomputed step (the exact adjoint walk's step), the forward and the R-operator as one
+        function: compiled, one graph, so the kept activations never leave it."""
+        return self._run("_recompute_rop", theta, x.contiguous(), labels, u, need_theta)
+
+    def _recompute_rop(self, theta, x, labels, u, need_theta: bool):
+        return self._rop(self._forward(theta, x, labels, True, False)[2], u, need_theta)
 
     def _run(self, name: str, *args):
         return compiled.run(self, getattr(ConvNetKernel, name), name, args) if self.compiled else \

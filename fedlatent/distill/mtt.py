@@ -292,15 +292,15 @@ def _adjoint(kernel, theta_start, theta_target, images, labels, log_lr, plan, au
     dlog = torch.zeros((), dtype=images.dtype, device=images.device)
     for n in range(len(plan) - 1, -1, -1):
         st = plan[n]
-        if keep_all:
-            xb, xa, cache = kept.pop()
-        else:
-            xb, xa = _augmented(images, st, augment, grad=True)
-            _, _, cache = kernel.forward(thetas[n], xa.detach(), labels[st.indices], keep=True, need_grad=False)
         u = -alpha * v
         dlog += (gs[n] * u).sum()
-        hu, dxa, dyb = kernel.rop(cache, u, need_theta=n > 0)
-        del cache
+        if keep_all:
+            xb, xa, cache = kept.pop()
+            hu, dxa, dyb = kernel.rop(cache, u, need_theta=n > 0)
+            del cache
+        else:
+            xb, xa = _augmented(images, st, augment, grad=True)
+            hu, dxa, dyb = kernel.recompute_rop(thetas[n], xa.detach(), labels[st.indices], u, need_theta=n > 0)
         if n > 0:
             v = v + hu
         if xa is not xb and xa.requires_grad:

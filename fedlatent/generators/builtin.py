@@ -97,6 +97,54 @@ def _channels(cfg: BuiltinConfig, res: int) -> int:
     return int(max(1, min(cfg.channel_max, cfg.channel_base // _pow2_ceil(res))))
 
 
+def _upsample2x_transpose(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """The adjoint of 2x bilinear upsampling (``align_corners=False``) along one axis ``dim``, written densely.
+
+    Forward, along that axis: ``y[2i] = 3/4 x[i] + 1/4 x[i-1]`` and ``y[2i+1] = 3/4 x[i] + 1/4 x[i+1]``, indices
+    clamped to the edge (``F.interpolate`` samples at ``i -+ 1/4``). So ``dx[j] = 3/4 (g[2j] + g[2j+1]) +
+    1/4 (g[2j+2] + g[2j-1])``, plus ``1/4 g[0]`` at ``j = 0`` and ``1/4 g[2n-1]`` at ``j = n-1`` (the clamped taps).
+    """
+    n = g.shape[dim] // 2
+    shape = list(g.shape)
+    shape[dim:dim + 1] = [n, 2]
+    g = g.reshape(shape)
+    even, odd = g.select(dim + 1, 0), g.select(dim + 1, 1)
+    zero = torch.zeros_like(even.narrow(dim, 0, 1))
+    taps = torch.cat([even.narrow(dim, 1, n - 1), zero], dim) + torch.cat([zero, odd.narrow(dim, 0, n - 1)], dim)
+    ends = even.narrow(dim, 0, 1) + odd.narrow(dim, n - 1, 1) if n == 1 else torch.cat(
+        [even.narrow(dim, 0, 1), torch.zeros_like(even.narrow(dim, 0, n - 2)), odd.narrow(dim, n - 1, 1)], dim)
+    return 0.75 * (even + odd) + 0.25 * (taps + ends)
+
+
+class _Upsample2x(torch.autograd.Function):
+    """``F.interpolate`` 2x bilinear forward, :func:`_upsample2x_transpose` (both axes) backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _upsample2x_transpose(_upsample2x_transpose(grad, 3), 2)
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """2x bilinear upsampling of [N, C, H, W] (``align_corners=False``, edges replicated), as in StyleGAN-style
+    synthesis layers.
+
+    Eager, this is ``F.interpolate`` with its native backward. Under ``torch.compile`` the backward is the dense
+    transpose :func:`_upsample2x_transpose` instead: inductor lowers ``F.interpolate``'s backward to a scalar
+    scatter-add, the slowest kernel of compiled rendering (RESULTS.md, "Compiled rendering's upsampling").
+    """
+    if torch.compiler.is_compiling():
+        return _Upsample2x.apply(x)
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """x / sqrt(mean(x^2)) along dim 1 (StyleGAN's input normalisation of z and the class embedding)."""
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
@@ -197,7 +245,7 @@ class StyleLayer(nn.Module):
         styles = self.affine(w)  # [N, in]
         weight = self.weight * self.weight_gain
         if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = upsample2x(x)
         x = F.conv2d(x * styles[:, :, None, None], weight, padding=self.kernel_size // 2)
         if self.demodulate:
             d = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()  # [N, out]
