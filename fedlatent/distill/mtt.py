@@ -268,7 +268,8 @@ def _unrolled_autograd(flat: FlatModel, theta_start, theta_target, images, label
 
 def _adjoint(kernel, theta_start, theta_target, images, labels, log_lr, plan, augment, keep_all: bool) -> MetaGrad:
     """Forward pass keeping theta_n, g_n (and, if ``keep_all``, every step's activations), then the
-    adjoint walk n = N-1 .. 0 (recomputing step n when its activations were not kept)."""
+    adjoint walk n = N-1 .. 0 (recomputing step n when its activations were not kept: ``kernel.recompute_rop``,
+    which the compiled ConvNet kernel runs as one graph)."""
     soft = labels.dtype.is_floating_point
     alpha = float(log_lr.exp())
     thetas, gs, kept = [theta_start], [], []
@@ -276,15 +277,15 @@ def _adjoint(kernel, theta_start, theta_target, images, labels, log_lr, plan, au
     for st in plan:
         if keep_all:
             xb, xa = _augmented(images, st, augment, grad=True)
-            loss_n, g, cache = kernel.forward(theta, xa.detach(), labels[st.indices], keep=True, lean=True)
+            _, g, cache = kernel.forward(theta, xa.detach(), labels[st.indices], keep=True, lean=True)
             kept.append((xb, xa, cache))
         else:
             _, xa = _augmented(images, st, augment, grad=False)
-            loss_n, g, _ = kernel.forward(theta, xa, labels[st.indices], keep=False)
-        _check_finite("student loss/gradient", loss_n, g)
+            _, g, _ = kernel.forward(theta, xa, labels[st.indices], keep=False)
         gs.append(g)
         theta = ops.sgd_step(theta, g, alpha)  # theta - alpha * g
         thetas.append(theta)
+    _check_finite("student loss/gradient", theta)  # a non-finite g_n makes every later theta non-finite
     # loss and v_N = dL/dtheta_N = 2 (theta - theta_target) / ||theta_start - theta_target||^2
     loss, v = ops.trajectory_loss_and_grad(theta, theta_start, theta_target)
     dX = torch.zeros_like(images)
