@@ -69,7 +69,7 @@ class FLConfig:
     model: str = "convnet"            # fedlatent.models.get_model spec (ConvNet-D3 up to 32 px)
     eval_every: int = 1               # evaluate every k rounds (always at round 0 and the last round)
     eval_batch_size: int = 128        # central evaluation batch size (128: within a CPU core's caches; 1000 ran
-    #                                   ConvNet-D3 evaluation 2.2x slower, memory-bound; RESULTS.md 2026-12-03)
+    #                                   ConvNet-D3 evaluation 2.0x slower, memory-bound; benchmarks/eval_batch.py)
     seed: int = 0                     # fixes partition, schedule, init, local shuffling
     device: str = "cpu"               # cpu | cuda | cuda:N | auto
     # Upload screening (see fedlatent.fl.validate): an update whose L2 norm exceeds
