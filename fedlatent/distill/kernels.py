@@ -275,6 +275,7 @@ class ConvNetKernel:
         return self._run("_recompute_rop", theta, x.contiguous(), labels, u, need_theta)
 
     def _recompute_rop(self, theta, x, labels, u, need_theta: bool):
+        """:meth:`_rop` of :meth:`_forward`'s cache (``keep=True``, no weight gradient), the function compiled."""
         return self._rop(self._forward(theta, x, labels, True, False)[2], u, need_theta)
 
     def _run(self, name: str, *args):

@@ -12,8 +12,9 @@ Same structure as StyleGAN-XL's generator, so the latent spaces F_k mean the sam
   layer upsamples 2x (bilinear) before its convolution; the last layer is a 1x1 modulated "toRGB" convolution
   without demodulation or activation. Optional per-layer noise (off by default, so rendering is deterministic).
 
-Layouts (:func:`layout`): 16 px (4 -> 8 -> 16), 32 px (4 -> 8 -> 16 -> 32), 28 px (7 -> 14 -> 28), any\nstart * 2**n px (start 4..7). All weights use StyleGAN's
-equalised learning rate (stored ~N(0, 1), scaled by 1/sqrt(fan_in) at run time).
+Layouts (:func:`layout`): 16 px (4 -> 8 -> 16), 32 px (4 -> 8 -> 16 -> 32), 28 px (7 -> 14 -> 28), any
+start * 2**n px (start 4..7). All weights use StyleGAN's equalised learning rate (stored ~N(0, 1), scaled by
+1/sqrt(fan_in) at run time).
 
 Checkpoints are safetensors files; the generator config (JSON) and training information live in the
 file's metadata (never pickle). :func:`save_builtin` / :func:`load_builtin`.
@@ -138,7 +139,7 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
     Eager, this is ``F.interpolate`` with its native backward. Under ``torch.compile`` the backward is the dense
     transpose :func:`_upsample2x_transpose` instead: inductor lowers ``F.interpolate``'s backward to a scalar
-    scatter-add, the slowest kernel of compiled rendering (RESULTS.md, "Compiled rendering's upsampling").
+    scatter-add, the slowest kernel of compiled rendering (benchmarks/RESULTS.md, "the upsampling's dense adjoint").
     """
     if torch.compiler.is_compiling():
         return _Upsample2x.apply(x)
