@@ -79,25 +79,10 @@ def profile_looped(s, ups, timer: Timer):
         finally:
             timer.acc["student unroll" if not keep else "adjoint backward"] += time.perf_counter() - t
 
-    def rop(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_rop(self, *a, **k)
-        finally:
-            timer.acc["adjoint backward"] += time.perf_counter() - t
-
     orig_rr = kernel_cls.recompute_rop
-
-    def recompute_rop(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_rr(self, *a, **k)
-        finally:
-            timer.acc["adjoint backward"] += time.perf_counter() - t
-
-    kernel_cls.forward, kernel_cls.rop = fwd, rop
-    if "recompute_rop" in vars(kernel_cls):  # its own (fused) one; the generic one calls forward and rop
-        kernel_cls.recompute_rop = recompute_rop
+    kernel_cls.forward, kernel_cls.rop = fwd, timer.wrap("adjoint backward", orig_rop)
+    if kernel_cls is not M.AutogradKernel:  # the autograd kernel's recompute_rop calls forward and rop, timed above
+        kernel_cls.recompute_rop = timer.wrap("adjoint backward", orig_rr)
     try:
         for d in ds:  # warm-up iteration
             d.step()

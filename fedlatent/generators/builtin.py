@@ -103,18 +103,16 @@ def _upsample2x_transpose(g: torch.Tensor, dim: int) -> torch.Tensor:
 
     Forward, along that axis: ``y[2i] = 3/4 x[i] + 1/4 x[i-1]`` and ``y[2i+1] = 3/4 x[i] + 1/4 x[i+1]``, indices
     clamped to the edge (``F.interpolate`` samples at ``i -+ 1/4``). So ``dx[j] = 3/4 (g[2j] + g[2j+1]) +
-    1/4 (g[2j+2] + g[2j-1])``, plus ``1/4 g[0]`` at ``j = 0`` and ``1/4 g[2n-1]`` at ``j = n-1`` (the clamped taps).
+    1/4 (g[2j+2] + g[2j-1])``, where the clamped taps read ``g[2n] -> g[2n-1]`` and ``g[-1] -> g[0]``.
     """
     n = g.shape[dim] // 2
     shape = list(g.shape)
     shape[dim:dim + 1] = [n, 2]
     g = g.reshape(shape)
     even, odd = g.select(dim + 1, 0), g.select(dim + 1, 1)
-    zero = torch.zeros_like(even.narrow(dim, 0, 1))
-    taps = torch.cat([even.narrow(dim, 1, n - 1), zero], dim) + torch.cat([zero, odd.narrow(dim, 0, n - 1)], dim)
-    ends = even.narrow(dim, 0, 1) + odd.narrow(dim, n - 1, 1) if n == 1 else torch.cat(
-        [even.narrow(dim, 0, 1), torch.zeros_like(even.narrow(dim, 0, n - 2)), odd.narrow(dim, n - 1, 1)], dim)
-    return 0.75 * (even + odd) + 0.25 * (taps + ends)
+    after = torch.cat([even.narrow(dim, 1, n - 1), odd.narrow(dim, n - 1, 1)], dim)  # g[2j+2], clamped
+    before = torch.cat([even.narrow(dim, 0, 1), odd.narrow(dim, 0, n - 1)], dim)  # g[2j-1], clamped
+    return 0.75 * (even + odd) + 0.25 * (after + before)
 
 
 class _Upsample2x(torch.autograd.Function):
