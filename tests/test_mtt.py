@@ -138,6 +138,28 @@ def test_the_hessian_terms_matter():
     assert _rel(approx, exact.grad_images) > 1e-3
 
 
+@pytest.mark.parametrize("shape,size", [((2, 3, 4, 4), (8, 8)), ((2, 3, 3, 3), (7, 7)), ((1, 5, 2, 4), (5, 8)),
+                                        ((2, 4, 1, 1), (3, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pooling_adjoint_is_atens_bitwise(shape, size, dtype, channels_last):
+    """pool_adjoint, the 2x2 average pooling's adjoint that compiled kernels use, equals ATen's
+    avg_pool2d_backward bitwise at even, odd (floor mode drops a row / column), non-square and one-pixel sizes,
+    in either memory format; and it is the adjoint: <pool(x), g> == <x, pool_adjoint(g)>."""
+    from fedlatent.distill.kernels import pool_adjoint
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
+    like = torch.empty(*shape[:2], *size, dtype=dtype).contiguous(memory_format=fmt)
+    want = torch.ops.aten.avg_pool2d_backward(g, like, [2, 2], [2, 2], [0, 0], False, True, None)
+    got = pool_adjoint(g, size)
+    assert got.shape == want.shape and torch.equal(got, want)
+    x = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    lhs = (torch.nn.functional.avg_pool2d(x, 2) * g.double()).sum()
+    assert float(lhs) == pytest.approx(float((x * pool_adjoint(g.double(), size)).sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("spec,soft", [
     ("convnet-d3:width=6", False),
     ("convnet:width=5,depth=2,norm=none", True),
