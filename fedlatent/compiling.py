@@ -14,6 +14,11 @@ from .errors import FedLatentError
 
 #: keyword arguments of the ``torch.compile`` calls (set before the first compiled call to change them)
 COMPILE_OPTIONS: dict = {"dynamic": False}
+#: inductor options of the compiled functions whose tensors are on the CPU (unless COMPILE_OPTIONS names a
+#: ``mode``, which torch.compile does not combine with options): the C++ wrapper, so that each graph's kernels
+#: are one C++ file and one compiler run instead of one per kernel -- less compile CPU time, same kernels
+#: (benchmarks/RESULTS.md, "the pooling adjoint as a broadcast")
+CPU_INDUCTOR_OPTIONS: dict = {"cpp_wrapper": True}
 _COMPILED: dict = {}
 #: ``failed``: a compilation failed in this process; later compiled calls run eagerly
 STATE = {"failed": False}
@@ -50,13 +55,17 @@ def usable_on(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and compile_unavailable() is None and not STATE["failed"]
 
 
-def compiled(fn, name: str):
-    """``torch.compile`` of ``fn``, built once per process under ``name``. Shapes are static (``dynamic=False``):
-    every new shape, dtype, architecture or flag combination compiles once more (up to torch's recompile limit,
-    beyond which torch runs the function uncompiled)."""
-    out = _COMPILED.get(name)
+def compiled(fn, name: str, device_type: str = "cpu"):
+    """``torch.compile`` of ``fn`` for tensors on ``device_type``, built once per process under ``name``. Shapes
+    are static (``dynamic=False``): every new shape, dtype, architecture or flag combination compiles once more
+    (up to torch's recompile limit, beyond which torch runs the function uncompiled)."""
+    key = (name, device_type)
+    out = _COMPILED.get(key)
     if out is None:
-        out = _COMPILED[name] = torch.compile(fn, **COMPILE_OPTIONS)
+        kw = dict(COMPILE_OPTIONS)
+        if device_type == "cpu" and CPU_INDUCTOR_OPTIONS and "mode" not in kw:
+            kw["options"] = dict(CPU_INDUCTOR_OPTIONS)
+        out = _COMPILED[key] = torch.compile(fn, **kw)
     return out
 
 
@@ -65,8 +74,9 @@ def call(fn, name: str, args: tuple, what: str):
     warning naming ``what``, and no further compilation in this process."""
     if STATE["failed"]:
         return fn(*args)
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
     try:
-        return compiled(fn, name)(*args)
+        return compiled(fn, name, device_type)(*args)
     except Exception as e:  # noqa: BLE001 -- the compiler failed, or the input is bad: eager tells which
         out = fn(*args)
         STATE["failed"] = True
@@ -76,4 +86,5 @@ def call(fn, name: str, args: tuple, what: str):
         return out
 
 
-__all__ = ["COMPILE_OPTIONS", "STATE", "compile_unavailable", "require", "usable_on", "compiled", "call"]
+__all__ = ["COMPILE_OPTIONS", "CPU_INDUCTOR_OPTIONS", "STATE", "compile_unavailable", "require", "usable_on", "compiled",
+           "call"]

@@ -63,7 +63,7 @@ def broken_compiler(monkeypatch):
     dispatch then falls back to eager and warns); ``compiling.STATE`` is reset, and restored afterwards."""
     from fedlatent import compiling
 
-    def broken(fn, name):
+    def broken(fn, name, device_type="cpu"):
         def run(*a):
             raise RuntimeError("backend compiler failed (test)")
         return run

@@ -319,6 +319,26 @@ def test_compiled_kernel_errors_and_fallback(monkeypatch, request):
     assert make_kernel(flat, "convnet-compiled").compiled is False  # later kernels do not try again
 
 
+def test_compiled_functions_take_the_cpp_wrapper_on_cpu_only(monkeypatch):
+    """compiling.compiled: on the CPU inductor gets CPU_INDUCTOR_OPTIONS (the C++ wrapper); on CUDA, or when
+    COMPILE_OPTIONS names a mode (torch.compile takes mode or options, not both), it does not; one function per
+    name and device type; call() picks the device type from the first tensor argument."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    monkeypatch.setattr(compiling, "_COMPILED", {})
+    f = lambda a, t: t + 1  # noqa: E731
+    assert compiling.compiled(f, "f") is compiling.compiled(f, "f", "cpu")
+    assert seen == [{"dynamic": False, "options": {"cpp_wrapper": True}}]
+    compiling.compiled(f, "f", "cuda")
+    assert seen[-1] == {"dynamic": False}
+    monkeypatch.setitem(compiling.COMPILE_OPTIONS, "mode", "max-autotune-no-cudagraphs")
+    compiling.compiled(f, "g")
+    assert seen[-1] == {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+    monkeypatch.setattr(compiling, "_COMPILED", {})
+    assert torch.equal(compiling.call(f, "h", (object(), torch.zeros(2)), "h"), torch.ones(2))
+    assert list(compiling._COMPILED) == [("h", "cpu")]
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_kernel_loss_is_the_autograd_loss_and_gradient(soft):
     """kernel_loss (the ConvNet kernel's hand-written backward behind loss.backward()): in float64 the loss and every
