@@ -119,6 +119,37 @@ def test_concurrent_clients_are_bitwise_the_one_thread_loop(digits16):
     assert concurrent_workers(10, "cpu") == min(10, threads) and concurrent_workers(10, "meta") == 1
 
 
+def test_auto_distils_clients_in_threads_on_a_cpu_and_grouped_on_cuda(digits16, monkeypatch):
+    """batched='auto': the grouped batch on CUDA, the clients side by side in threads on a CPU (the loop where it
+    cannot: one intra-op thread, or memory for only one client at a time); the grouped batch falls back to the
+    loop for the unrolled meta-gradient and soft labels, the threads do not need to."""
+    from fedlatent.distill import batched as B
+    from fedlatent.fl.feddgm import FedDGM, distill_clients
+
+    s = FedDGM(generator="digits", space="F2", ipc=1, iterations=1, syn_steps=2, surrogate="convnet:width=8",
+               train_epochs=0, progress=False, save_artifacts=False)
+    s.setup(_ctx(digits16, clients=3))
+    assert s._use_batched() == "threads"
+    s.mtt_mode = "unrolled"
+    assert s._use_batched() == "threads"
+    cpu, s.ctx.device = s.ctx.device, "cuda:0"
+    assert s._use_batched() is False
+    s.mtt_mode = "exact"
+    assert s._use_batched() is True
+    s.ctx.device = cpu
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ds = s.make_distillers(1, _uploads(s, 3))
+        assert distill_clients(ds, [0, 1, 2], 1, batched="threads", progress=False)[1] == 2
+        monkeypatch.setattr(B, "available_bytes", lambda dev: B._distiller_bytes(ds[0]) + 1)  # room for one
+        assert distill_clients(ds, [0, 1, 2], 1, batched="threads", progress=False)[1] == 1
+        torch.set_num_threads(1)
+        assert distill_clients(ds, [0, 1, 2], 1, batched="threads", progress=False)[1] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_distill_clients_rejects_an_unknown_mode():
     from fedlatent.errors import FedLatentError
     from fedlatent.fl.feddgm import distill_clients

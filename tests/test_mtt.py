@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedlatent import compiling
@@ -252,6 +253,65 @@ def test_batched_meta_gradient_equals_the_loop_float64(spec):
             assert float(res[k].grad_log_lr) == pytest.approx(float(ref.grad_log_lr), rel=1e-9)
             assert _rel(res[k].theta_end, ref.theta_end) < 1e-12
             assert ref.grad_images.abs().max() > 0
+
+
+def test_batched_meta_gradient_runs_the_loops_engine():
+    """``batched_meta_gradient(engine=)`` runs the engine the loop's ``meta_gradient(engine=)`` runs: 'autograd'
+    (vmap over the students) equals the loop to 1e-9 in float64; 'convnet-bf16' (the grouped kernel with bf16
+    convolution operands) is the loop's bf16 result up to fp32 reassociation, far closer to it than to fp32's."""
+    from fedlatent.distill.batched import batched_meta_gradient
+
+    G = 2
+    probs = [_problem(spec="convnet-d3:width=6", n=6, size=8, seed=40 + k) for k in range(G)]
+    flat = probs[0][0]
+    starts, ends = torch.stack([p[1] for p in probs]), torch.stack([p[2] for p in probs])
+    x, y = torch.stack([p[3] for p in probs]), torch.stack([p[4] for p in probs])
+    log_lr = torch.log(torch.tensor([0.1, 0.05], dtype=torch.float64))
+    plans = [mtt.make_plan(6, 3, 6, seed=k) for k in range(G)]
+    res = batched_meta_gradient(flat, starts, ends, x, y, log_lr, plans, None, engine="autograd")
+    for k in range(G):
+        ref = mtt.meta_gradient(flat, starts[k], ends[k], x[k], y[k], log_lr[k], plans[k], None, engine="autograd")
+        assert _rel(res[k].grad_images, ref.grad_images) < 1e-9 and ref.grad_images.abs().max() > 0
+    f32 = FlatModel(flat.model.float())
+    args = (starts.float(), ends.float(), x.float(), y, log_lr.float(), plans, None)
+    bf = batched_meta_gradient(f32, *args, engine="convnet-bf16")
+    for k in range(G):
+        loop_bf = mtt.meta_gradient(f32, *(a[k] for a in args[:5]), plans[k], None, engine="convnet-bf16")
+        loop_32 = mtt.meta_gradient(f32, *(a[k] for a in args[:5]), plans[k], None, engine="convnet")
+        to_bf, to_32 = _rel(bf[k].grad_images, loop_bf.grad_images), _rel(bf[k].grad_images, loop_32.grad_images)
+        assert to_32 > 1e-4 and to_bf < 0.1 * to_32, (to_bf, to_32)
+
+
+def test_bf16_convolutions_are_bf16_operands_fp32_sums_bf16_results(monkeypatch):
+    """The bf16 convolutions of the ConvNet kernel, forward and both backward products, are the exact convolution
+    of bf16-rounded operands rounded to bf16 (up to fp32 summation): where the hardware has no bf16 arithmetic the
+    kernel emulates that (fp32 convolutions of rounded operands), where it has, oneDNN's bf16 convolutions do it."""
+    flat = FlatModel(get_model("convnet-d3:width=16", 3, K, 16))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+    W, b = torch.randn(16, 16, 3, 3, generator=g), torch.randn(16, generator=g)
+    go = torch.randn(6, 16, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def r(t):
+        return t.bfloat16().double()
+
+    want_z = r(F.conv2d(r(x), r(W), padding=1)) + b.double().view(1, -1, 1, 1)
+    want_dx, want_dw, _ = torch.ops.aten.convolution_backward(r(go), r(x), r(W), None, [1, 1], [1, 1], [1, 1],
+                                                              False, [0, 0], 1, [True, True, False])
+    for native in (False, True):
+        monkeypatch.setattr(compiled, "native_bf16", lambda dev, n=native: n)
+        kern = ConvNetKernel(flat, conv_dtype=torch.bfloat16)
+        assert kern.emulate is (not native)
+        z = kern._conv(x, W, b)
+        dx, dw, db = kern._conv_bwd(go, x, W, [True, True, True])
+        assert z.dtype == dx.dtype == dw.dtype == torch.float32
+        tol = 2e-4 if not native else 1e-2  # emulated: fp32 sums; native: whatever summation the hardware does
+        assert _rel(z.double(), want_z) < tol and _rel(dx.double(), r(want_dx)) < tol
+        assert _rel(dw.double(), r(want_dw)) < tol and _rel(db.double(), go.double().sum((0, 2, 3))) < 1e-6
+        assert _rel(z.double(), F.conv2d(x.double(), W.double(), b.double(), padding=1)) > 1e-3  # really bf16
+    monkeypatch.undo()
+    assert ConvNetKernel(flat, conv_dtype=torch.bfloat16).emulate is (not compiled.native_bf16("cpu"))
+    assert ConvNetKernel(flat).emulate is False
 
 
 def test_bf16_convolutions_stay_within_tolerance_of_fp32():

@@ -4,22 +4,23 @@
 as one computation. For the ConvNet the K students are one *grouped* network
 (:class:`~fedlatent.distill.kernels.ConvNetKernel` with ``groups=K``: student k's channels are the k-th group of
 every feature map, the convolutions are grouped, the classifier a batched matmul over stacked weights) and the
-exact meta-gradient runs through the same hand-written forward / backward / R-operator as the loop; the summed
-loss has a block-diagonal Hessian, so every block is exactly that student's. Other architectures fall back to
+exact meta-gradient runs through the same hand-written forward / backward / R-operator as the loop, with the
+loop's MTT engine (bf16 convolution operands and / or compiled, ``DistillConfig.engine``); the summed loss has a
+block-diagonal Hessian, so every block is exactly that student's. Other architectures fall back to
 ``torch.func.vmap`` over the problems. Step sizes, plans and augmentations stay per problem, and everything
 around the meta-gradient (rendering, latent backward, optimisers: :meth:`fedlatent.distill.distiller.Distiller.apply`)
 uses the same objects as the looped path, so the two paths compute the same numbers up to floating-point
 reassociation (float64 tests: 1e-9).
 
-**Memory budget**: the number of problems per batch comes from :func:`client_bytes` and
-:func:`available_bytes` (:func:`choose_batch`). FedDGM's ``batched="auto"`` batches on CUDA only: on CPU the
-grouped batch measured no faster than the loop (``benchmarks/batched_speed.py``, ``benchmarks/RESULTS.md``: the
-time goes into memory-bound elementwise passes, which batching does not reduce, and oneDNN's grouped
-convolutions are no faster than K separate ones).
+**Memory budget**: the number of problems per batch (and of clients at once in threads) comes from
+:func:`client_bytes` and :func:`available_bytes` (:func:`choose_batch`). FedDGM's ``batched="auto"`` batches on
+CUDA only: on CPU the grouped batch measured slower than the loop (``benchmarks/batching_gain.py``,
+``benchmarks/RESULTS.md``: rendering 200 images at once is no faster than ten renders of 20, and oneDNN's grouped
+convolutions are up to 2x slower than K separate ones).
 
-**Concurrent** (``distill_clients(..., batched="threads")``): the loop, several clients at a time in worker
-threads of one intra-op thread each; bitwise the one-thread loop whatever the number of cores (opt-in: on the
-2-core CPU it measured no faster than the loop either, ``benchmarks/clients_speed.py``).
+**Concurrent** (``distill_clients(..., batched="threads")``, FedDGM's ``"auto"`` on a CPU): the loop, several
+clients at a time in worker threads of one intra-op thread each; bitwise the one-thread loop whatever the number of
+cores (on the 2-core CPUs of ``benchmarks/RESULTS.md`` 0.86-0.98x the loop's time, ``benchmarks/clients_speed.py``).
 
 :func:`distill_clients` runs a list of :class:`~fedlatent.distill.distiller.Distiller` s in any of these ways.
 """
@@ -39,7 +40,7 @@ from ..errors import DivergedError, FedLatentError, is_diverged
 from ..models.functional import FlatModel
 from ..utils import derive_seed
 from .distiller import Distiller, IterationLog
-from .kernels import ConvNetKernel
+from .kernels import ConvNetKernel, make_kernel
 from .mtt import MetaGrad, make_plan, trajectory_loss, validate_inputs
 
 def _functional(flat: FlatModel):
@@ -61,7 +62,7 @@ def _functional(flat: FlatModel):
 
 def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_target: torch.Tensor,
                           images: torch.Tensor, labels: torch.Tensor, log_lr: torch.Tensor,
-                          plans: Sequence[Sequence], augment: Callable | None) -> list[MetaGrad]:
+                          plans: Sequence[Sequence], augment: Callable | None, engine: str = "auto") -> list[MetaGrad]:
     """MTT meta-gradients (exact mode) of ``K`` independent problems in one vectorised pass.
 
     ``theta_start`` / ``theta_target`` ``[K, P]``, ``images`` ``[K, N, C, H, W]``, ``labels`` int ``[K, N]``,
@@ -69,7 +70,9 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
     exactly what :func:`fedlatent.distill.mtt.meta_gradient` computes for it alone (MTT eqs. 1-2 and the adjoint
     recursion ``v_n = v_{n+1} + H_n u``, ``u = -alpha_k v_{n+1}``, ``dX += (dg_n/dX)^T u``,
     ``d log_lr += g_n . u``): the per-step gradients and second-order products come from the grouped ConvNet
-    kernel (or are ``vmap``-ed over ``k`` for other models); minibatches and augmentation stay per problem.
+    kernel (or are ``vmap``-ed over ``k`` for other models and for ``engine="autograd"``); minibatches and
+    augmentation stay per problem. ``engine``: the MTT engine (:func:`~fedlatent.distill.kernels.make_kernel`),
+    as the loop's ``meta_gradient(..., engine=)``: bf16 convolutions and / or compiled, grouped.
     """
     K = int(theta_start.shape[0])
     if not (theta_target.shape[0] == images.shape[0] == labels.shape[0] == log_lr.shape[0] == len(plans) == K):
@@ -83,9 +86,9 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
     dt, dev = images.dtype, images.device
     theta_start, theta_target = theta_start.detach().to(dt), theta_target.detach().to(dt)
     alpha = log_lr.detach().to(dt).exp()
-    if ConvNetKernel.supports(flat.model):
-        # the K students as one grouped network (ConvNetKernel groups=K); one problem is the plain kernel
-        kern = ConvNetKernel(flat, groups=K)
+    # the K students as one grouped network (ConvNetKernel groups=K); one problem is the plain kernel
+    kern = make_kernel(flat, engine, groups=K)
+    if kern is not None:
         one = (lambda t: t[0]) if K == 1 else (lambda t: t)
         back = (lambda t: None if t is None else t.unsqueeze(0)) if K == 1 else (lambda t: t)
 
@@ -93,9 +96,8 @@ def batched_meta_gradient(flat: FlatModel, theta_start: torch.Tensor, theta_targ
             loss, g, _ = kern.forward(one(theta), one(xa), one(yb), keep=False)
             return back(g), back(loss)
 
-        def rop(theta, xa, yb, u, need_theta=True):
-            _, _, cache = kern.forward(one(theta), one(xa), one(yb), keep=True, need_grad=False)
-            hu, dxa, _ = kern.rop(cache, one(u), need_theta=need_theta)
+        def rop(theta, xa, yb, u, need_theta=True):  # the step recomputed and its R-operator (one compiled graph)
+            hu, dxa, _ = kern.recompute_rop(one(theta), one(xa), one(yb), one(u), need_theta=need_theta)
             return back(hu), back(dxa)
 
         def rop_x(theta, xa, yb, u):
@@ -183,7 +185,7 @@ def batched_step(distillers: Sequence[Distiller]) -> list[IterationLog | FedLate
         res = batched_meta_gradient(
             d0.flat, torch.stack([s[0].to(ref) for s in seg]), torch.stack([s[1].to(ref) for s in seg]),
             torch.stack(imgs), torch.stack([d.labels.detach() for d in distillers]),
-            torch.stack([d.log_lr.detach().reshape(()) for d in distillers]), plans, d0.augment)
+            torch.stack([d.log_lr.detach().reshape(()) for d in distillers]), plans, d0.augment, d0.config.engine)
     except FedLatentError as e:
         if not is_diverged(e):
             raise
@@ -255,6 +257,12 @@ def choose_batch(num_clients: int, per_client: int, budget: int, max_batch: int 
 
 
 
+def _distiller_bytes(d: Distiller) -> int:
+    """:func:`client_bytes` of one distiller's MTT iteration (its model, set and config)."""
+    img = d.synthetic.render()
+    return client_bytes(d.flat, img.shape[0], d.batch_syn, d.config.syn_steps, img.shape[1:], img.dtype)
+
+
 @dataclass
 class ClientRun:
     """The outcome of one client's distillation."""
@@ -291,11 +299,11 @@ def _run_concurrently(distillers: Sequence[Distiller], runs: list[ClientRun], it
     sequence of operations as in the loop, on its own seeded plans, so the sets do not depend on the order or
     the number of workers; with one intra-op thread per worker they are bitwise those of a one-thread loop.
 
-    Why threads and not a grouped network on a CPU: an MTT iteration of the small surrogate is memory-bound
-    elementwise work that neither a grouped network nor vmap reduces; clients side by side are the other way to
-    use the cores. On the 2-core machine of ``benchmarks/RESULTS.md`` ("Server throughput") they measured 0.94-0.98x
-    the loop's time (threads and intra-op threads each gave about 1.5x over one thread), so FedDGM's 'auto' keeps
-    the loop there.
+    Why threads and not a grouped network on a CPU: batching the clients into one computation is slower there in
+    every phase that costs (``benchmarks/batching_gain.py``); clients side by side are the other way to use the
+    cores. On the 2-core machines of ``benchmarks/RESULTS.md`` ("Server throughput") they measured 0.86-0.98x the
+    loop's time on two intra-op threads (small operators scale worse over intra-op threads than whole clients do
+    over worker threads), so FedDGM's 'auto' runs them on a CPU.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -332,8 +340,9 @@ def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], 
 
     ``batched``: False -- looped, client after client (``Distiller.run``). ``"threads"`` -- the same loop,
     :func:`concurrent_workers` clients at a time in threads (:func:`_run_concurrently`; the CPU's batched
-    mode). True or ``"grouped"`` -- groups of ``batch`` clients (:func:`choose_batch` from :func:`client_bytes`
-    and :func:`available_bytes`, at most ``max_batch``) as one computation, one :func:`batched_step` per
+    mode; at most ``max_batch`` and as many as memory allows, :func:`choose_batch`). True or ``"grouped"`` -- groups
+    of ``batch`` clients (:func:`choose_batch` from :func:`client_bytes` and :func:`available_bytes`, at most
+    ``max_batch``) as one computation, one :func:`batched_step` per
     iteration. A client whose set diverges (a non-finite update is undone by the engine; latents that render to
     NaN/inf images are caught at the next iteration) stops and the others go on, in every mode; the caller drops
     sets whose images are not finite.
@@ -345,8 +354,8 @@ def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], 
         return runs, 0
     if batched == "threads":
         workers = concurrent_workers(len(distillers), device)
-        if max_batch:
-            workers = min(workers, max_batch)
+        if workers > 1:
+            workers = choose_batch(workers, _distiller_bytes(distillers[0]), available_bytes(device), max_batch)
         if workers > 1:
             _run_concurrently(distillers, runs, iterations, workers, progress, desc)
             return runs, workers
@@ -355,10 +364,7 @@ def distill_clients(distillers: Sequence[Distiller], client_ids: Sequence[int], 
         for d, r in zip(distillers, runs):
             _run_one(d, r, iterations, progress, desc)
         return runs, 1
-    d0 = distillers[0]
-    img = d0.synthetic.render()
-    per = client_bytes(d0.flat, img.shape[0], d0.batch_syn, d0.config.syn_steps, img.shape[1:], img.dtype)
-    bsz = choose_batch(len(distillers), per, available_bytes(device), max_batch)
+    bsz = choose_batch(len(distillers), _distiller_bytes(distillers[0]), available_bytes(device), max_batch)
     for g0 in range(0, len(distillers), bsz):
         group = list(range(g0, min(len(distillers), g0 + bsz)))
         ids = " ".join(str(runs[i].client_id) for i in group)

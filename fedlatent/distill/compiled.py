@@ -8,7 +8,7 @@ import torch
 
 from .. import compiling
 
-__all__ = ["fast_engine", "run"]
+__all__ = ["fast_engine", "native_bf16", "run"]
 
 
 def fast_engine(device: torch.device | str) -> str:
@@ -18,8 +18,15 @@ def fast_engine(device: torch.device | str) -> str:
     compiler but no bf16 'convnet-compiled'; otherwise, and on CUDA (compile unmeasured there), 'convnet'."""
     if not compiling.usable_on(device):
         return "convnet"
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return "convnet-bf16-compiled" if bf16 else "convnet-compiled"
+    return "convnet-bf16-compiled" if native_bf16("cpu") else "convnet-compiled"
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` does bf16 arithmetic in hardware: CUDA, or a CPU with AVX-512-BF16 (elsewhere the
+    ConvNet kernel emulates its bf16 convolutions, :mod:`fedlatent.distill.kernels`)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def run(kernel, fn, name: str, args: tuple):

@@ -23,6 +23,12 @@ Two kernels:
 
 ``ConvNetKernel(compile=True)`` (engines ``convnet[-bf16]-compiled``) runs :meth:`forward` and :meth:`rop` through
 ``torch.compile`` (inductor fuses the norm / ReLU / pooling passes around the oneDNN convolutions).
+
+bf16 convolutions (``conv_dtype=torch.bfloat16``, engines ``convnet-bf16[-compiled]``) mean bf16 operands, fp32
+accumulation, bf16 results. Where the hardware has no bf16 arithmetic
+(:func:`~fedlatent.distill.compiled.native_bf16`: a CPU without AVX-512-BF16), oneDNN's bf16 convolutions are a
+slow fallback whose backward also rounds inside its sums (``benchmarks/bf16_conv.py``); there the kernel rounds the
+operands to bf16, convolves in fp32 and rounds the result: the same numerics at fp32 speed.
 """
 from __future__ import annotations
 
@@ -142,6 +148,8 @@ class ConvNetKernel:
         # mixed precision: the convolutions' operands in conv_dtype (e.g. bfloat16, fp32 accumulation in oneDNN /
         # cuDNN), every other tensor (norms, softmax, the flat vectors) in the caller's dtype
         self.cdt = conv_dtype
+        dev = next(flat.model.parameters()).device
+        self.emulate = conv_dtype == torch.bfloat16 and not compiled.native_bf16(dev)  # bf16-rounded fp32 convolutions
         # torch.compile'd forward / rop (shared by every kernel: same architecture and shapes, no recompilation)
         if compile:
             compiling.require("the compiled ConvNet kernel", " (use the engine without '-compiled')")
@@ -150,7 +158,10 @@ class ConvNetKernel:
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.cdt is None or self.cdt == x.dtype:
             return F.conv2d(x, W, b, padding=1, groups=self.G)
-        z = F.conv2d(x.to(self.cdt), W.to(self.cdt), None, padding=1, groups=self.G).to(x.dtype)
+        if self.emulate:
+            z = self._round(F.conv2d(self._round(x), self._round(W), None, padding=1, groups=self.G))
+        else:
+            z = F.conv2d(x.to(self.cdt), W.to(self.cdt), None, padding=1, groups=self.G).to(x.dtype)
         return z if b is None else z.add_(b.view(1, -1, 1, 1))
 
     def _conv_bwd(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mask: list[bool]):
@@ -159,11 +170,17 @@ class ConvNetKernel:
             return torch.ops.aten.convolution_backward(grad, x, W, [W.shape[0]] if mask[2] else None, [1, 1], [1, 1],
                                                        [1, 1], False, [0, 0], self.G, mask)
         dt = x.dtype
-        gi, gw, _ = torch.ops.aten.convolution_backward(grad.to(self.cdt), x.to(self.cdt), W.to(self.cdt), None,
+        cast = self._round if self.emulate else (lambda t: t.to(self.cdt))
+        gi, gw, _ = torch.ops.aten.convolution_backward(cast(grad), cast(x), cast(W), None,
                                                         [1, 1], [1, 1], [1, 1], False, [0, 0], self.G,
                                                         [mask[0], mask[1], False])
-        return (None if gi is None else gi.to(dt), None if gw is None else gw.to(dt),
+        done = self._round if self.emulate else (lambda t: t.to(dt))
+        return (None if gi is None else done(gi), None if gw is None else done(gw),
                 grad.sum((0, 2, 3)) if mask[2] else None)
+
+    def _round(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` rounded to the convolutions' dtype, kept in its own (the emulated bf16 convolution's casts)."""
+        return t.to(self.cdt).to(t.dtype)
 
     @staticmethod
     def parse(model: nn.Module) -> list[_Block] | None:
@@ -538,25 +555,28 @@ CONVNET_ENGINES = {"convnet": (None, False), "convnet-bf16": (torch.bfloat16, Fa
                    "convnet-compiled": (None, True), "convnet-bf16-compiled": (torch.bfloat16, True)}
 ENGINES = ("auto", "fast", *CONVNET_ENGINES, "autograd")
 
-def make_kernel(flat: FlatModel, engine: str = "auto"):
+def make_kernel(flat: FlatModel, engine: str = "auto", groups: int = 1):
     """``engine``: 'auto' (hand-written ConvNet kernel when the model qualifies), 'convnet', 'convnet-bf16' (bf16
     convolution operands, fp32 accumulation, the rest in the inputs' dtype: fast on AVX-512-BF16 / AMX CPUs and
     recent GPUs), 'convnet[-bf16]-compiled' (under ``torch.compile``; the first call compiles for a minute or
-    two), 'fast' (the fastest of these measured on the model's device, :func:`compiled.fast_engine`), 'autograd'."""
+    two), 'fast' (the fastest of these measured on the model's device, :func:`compiled.fast_engine`), 'autograd'.
+
+    ``groups > 1``: ``groups`` students of this model as one grouped ConvNet (:class:`ConvNetKernel`), for the
+    batched multi-client path; None when the engine or the model has no grouped kernel (the caller vmaps)."""
     if engine not in ENGINES:
         raise FedLatentError(f"unknown MTT engine {engine!r} ({', '.join(ENGINES)})")
     if engine == "fast":  # any other model: the autograd kernel, as 'auto'
         ok = ConvNetKernel.supports(flat.model)
         engine = compiled.fast_engine(next(flat.model.parameters()).device) if ok else "auto"
     if engine == "autograd":
-        return AutogradKernel(flat)
+        return AutogradKernel(flat) if groups == 1 else None
     if ConvNetKernel.supports(flat.model):
         dtype, comp = CONVNET_ENGINES.get(engine, (None, False))
-        return ConvNetKernel(flat, conv_dtype=dtype, compile=comp)
+        return ConvNetKernel(flat, groups=groups, conv_dtype=dtype, compile=comp)
     if engine.startswith("convnet"):
         raise FedLatentError(f"the {engine!r} engine needs a ConvNet (conv-instancenorm-relu-avgpool); "
                              f"got {type(flat.model).__name__}")
-    return AutogradKernel(flat)
+    return AutogradKernel(flat) if groups == 1 else None
 
 
 __all__ = ["student_loss", "AutogradKernel", "ConvNetKernel", "make_kernel", "kernel_loss", "ENGINES"]

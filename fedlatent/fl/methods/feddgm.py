@@ -164,9 +164,9 @@ class FedDGMConfig:
     """How the server distils the clients: one after the other (False); as one grouped computation (True or
     'grouped', :func:`fedlatent.distill.batched.batched_meta_gradient`); several at a time in threads, one
     intra-op thread each ('threads': bitwise the one-thread loop, whatever the core count); or 'auto': grouped on
-    CUDA, the loop on a CPU (there neither the grouped batch nor the threads measured faster than the loop:
-    benchmarks/RESULTS.md, "Server throughput"). Soft labels and the unrolled meta-gradient are off the grouped
-    path (the loop instead)."""
+    CUDA, threads on a CPU (there the grouped batch measured slower than the loop and the threads 0.86-0.98x its
+    time: benchmarks/RESULTS.md, "Server throughput"; with one intra-op thread, the loop). Soft labels and the
+    unrolled meta-gradient are off the grouped path (the loop instead)."""
     max_batch: int | None = None
     """At most this many clients per batch (None: as many as memory allows)."""
     classes: str = "all"
@@ -417,11 +417,11 @@ class FedDGM(Strategy):
         return out
 
     def _use_batched(self) -> bool | str:
-        """The ``distill_clients`` mode of :attr:`batched`: 'auto' is the grouped batch on CUDA and the loop on a
-        CPU; the grouped batch only where it can run (exact meta-gradient, hard labels), else the loop."""
+        """The ``distill_clients`` mode of :attr:`batched`: 'auto' is the grouped batch on CUDA and the clients in
+        threads on a CPU; the grouped batch only where it can run (exact meta-gradient, hard labels), else the loop."""
         mode = self.batched
         if mode == "auto":
-            mode = torch.device(self.ctx.device).type == "cuda"
+            mode = True if torch.device(self.ctx.device).type == "cuda" else "threads"
         if mode in (True, "grouped") and (self.mtt_mode != "exact" or self.soft_labels):
             return False
         return mode
