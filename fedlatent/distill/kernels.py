@@ -158,10 +158,7 @@ class ConvNetKernel:
     def _conv(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.cdt is None or self.cdt == x.dtype:
             return F.conv2d(x, W, b, padding=1, groups=self.G)
-        if self.emulate:
-            z = self._round(F.conv2d(self._round(x), self._round(W), None, padding=1, groups=self.G))
-        else:
-            z = F.conv2d(x.to(self.cdt), W.to(self.cdt), None, padding=1, groups=self.G).to(x.dtype)
+        z = self._result(F.conv2d(self._operand(x), self._operand(W), None, padding=1, groups=self.G), x.dtype)
         return z if b is None else z.add_(b.view(1, -1, 1, 1))
 
     def _conv_bwd(self, grad: torch.Tensor, x: torch.Tensor, W: torch.Tensor, mask: list[bool]):
@@ -169,18 +166,19 @@ class ConvNetKernel:
         if self.cdt is None or self.cdt == x.dtype:
             return torch.ops.aten.convolution_backward(grad, x, W, [W.shape[0]] if mask[2] else None, [1, 1], [1, 1],
                                                        [1, 1], False, [0, 0], self.G, mask)
-        dt = x.dtype
-        cast = self._round if self.emulate else (lambda t: t.to(self.cdt))
-        gi, gw, _ = torch.ops.aten.convolution_backward(cast(grad), cast(x), cast(W), None,
+        gi, gw, _ = torch.ops.aten.convolution_backward(self._operand(grad), self._operand(x), self._operand(W), None,
                                                         [1, 1], [1, 1], [1, 1], False, [0, 0], self.G,
                                                         [mask[0], mask[1], False])
-        done = self._round if self.emulate else (lambda t: t.to(dt))
-        return (None if gi is None else done(gi), None if gw is None else done(gw),
+        return (None if gi is None else self._result(gi, x.dtype), None if gw is None else self._result(gw, x.dtype),
                 grad.sum((0, 2, 3)) if mask[2] else None)
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` rounded to the convolutions' dtype, kept in its own (the emulated bf16 convolution's casts)."""
-        return t.to(self.cdt).to(t.dtype)
+    def _operand(self, t: torch.Tensor) -> torch.Tensor:
+        """A convolution operand in ``conv_dtype``; emulated (:attr:`emulate`): rounded to it, kept in ``t``'s dtype."""
+        return t.to(self.cdt).to(t.dtype) if self.emulate else t.to(self.cdt)
+
+    def _result(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A convolution's result rounded to ``conv_dtype`` (a no-op where it was computed in it), in ``dtype``."""
+        return t.to(self.cdt).to(dtype)
 
     @staticmethod
     def parse(model: nn.Module) -> list[_Block] | None:
